@@ -1,0 +1,300 @@
+"""check: can this network become an IF network, and if not, exactly where and why.
+
+An IF layer rate-codes a non-negative, clipped, piecewise-linear function of a linear
+map of its inputs. Everything between neurons must therefore be linear in the spike
+rates (conv, linear, BN in eval mode, average pooling, add, concat, reshape). Max,
+products of two signals (gating, attention), per-sample normalisation and smooth
+non-linearities are not, and are refused by path.
+
+Two passes: every module is matched against class rules, and every module's *own*
+``forward`` is traced with torch.fx (its submodules as leaves) to find functional ops
+(``F.relu``, ``x * gate``, ``q @ k``). Tracing one module at a time names the module
+that owns each op and survives modules that do not trace (data-dependent control flow):
+those are listed in ``CheckReport.untraced`` instead of hiding the rest of the network.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from timm.layers import activations as timm_act
+from timm.layers import activations_me as timm_act_me
+from timm.layers._fx import get_notrace_functions, is_notrace_module
+from torch import nn
+
+from .neurons import MultiStepNeuron
+from .qcfs import QCFS
+
+__all__ = ["Problem", "CheckReport", "ConversionError", "check"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str  # module path, or "forward of <module path>" for a functional op
+    op: str
+    reason: str
+    kind: str = ""  # short category: activation, gate, max, norm, attention, nonlinear
+
+    def __str__(self) -> str:
+        return f"{self.path or '<root>'}: {self.op}: {self.reason}"
+
+
+@dataclass
+class CheckReport:
+    model: str
+    problems: list[Problem] = field(default_factory=list)
+    activations: int = 0
+    notes: list[str] = field(default_factory=list)
+    untraced: list[str] = field(default_factory=list)  # modules whose own forward fx could not trace
+
+    @property
+    def convertible(self) -> bool:
+        return not self.problems and self.activations > 0
+
+    def summary(self) -> str:
+        if self.convertible:
+            head = f"{self.model}: convertible ({self.activations} QCFS activations)"
+        elif not self.problems:
+            head = f"{self.model}: not convertible: no QCFS activation found (create it with qcfs_snntorch.create_model)"
+        else:
+            head = f"{self.model}: not convertible, {len(self.problems)} problem(s):"
+        lines = [head, *(f"  - {p}" for p in self.problems), *(f"  note: {n}" for n in self.notes)]
+        return "\n".join(lines)
+
+
+class ConversionError(ValueError):
+    """The network contains operations an IF network cannot compute by rate."""
+
+    def __init__(self, report: CheckReport):
+        self.report = report
+        super().__init__(report.summary())
+
+
+# kind -> reason shown to the user
+REASONS = {
+    "activation": "a non-linear activation that is not QCFS; replace it by QCFS (create_model's `activations` groups) and train",
+    "gate": "multiplicative gating (e.g. squeeze-excite): a product of two signals is not a rate code",
+    "max": "max pooling is not linear in spike rates; use average pooling (create_model does) and train",
+    "norm": "per-sample normalisation (statistics of the activations) is not linear in spike rates",
+    "attention": "attention multiplies activations with each other; not rate-codable by IF neurons",
+    "nonlinear": "a non-linear function of the activations, not expressible by IF neurons",
+}
+
+_MODULE_RULES: list[tuple[tuple[type, ...], str]] = [
+    ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d), "max"),
+    (
+        (
+            nn.Sigmoid, nn.Hardsigmoid, nn.Tanh, nn.Softmax, nn.Softmax2d, nn.GLU,
+            timm_act.Sigmoid, timm_act.Tanh, timm_act.HardSigmoid, timm_act_me.HardSigmoidMe,
+        ),
+        "gate",
+    ),
+    ((nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm, nn.RMSNorm), "norm"),
+    ((nn.MultiheadAttention,), "attention"),
+    (
+        (
+            nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
+            nn.SiLU, nn.Mish, nn.Hardswish, nn.Softplus, nn.Hardtanh, nn.Softsign, nn.Tanhshrink,
+            timm_act.Swish, timm_act.Mish, timm_act.HardSwish, timm_act.HardMish, timm_act.GELU,
+            timm_act.GELUTanh, timm_act.QuickGELU, timm_act_me.SwishMe, timm_act_me.MishMe,
+            timm_act_me.HardSwishMe, timm_act_me.HardMishMe,
+        ),
+        "activation",
+    ),
+]
+
+_NONLINEAR_FUNCTIONS = {
+    **dict.fromkeys(
+        (
+            F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.rrelu, F.prelu, F.gelu,
+            F.silu, F.mish, F.hardswish, F.elu, F.celu, F.selu, torch.selu, F.softplus, F.hardtanh,
+            torch.clamp, torch.clamp_min, torch.clip,
+        ),
+        "activation",
+    ),
+    **dict.fromkeys(
+        (torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardsigmoid, F.softmax, torch.softmax, F.glu), "gate"
+    ),
+    **dict.fromkeys(
+        (
+            F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+            torch.max, torch.amax, torch.maximum, torch.min, torch.amin, torch.minimum,
+        ),
+        "max",
+    ),
+    **dict.fromkeys(
+        (F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm, F.normalize, torch.var, torch.std, torch.var_mean,
+         torch.rsqrt, torch.sqrt, torch.norm),
+        "norm",
+    ),
+    F.scaled_dot_product_attention: "attention",
+    **dict.fromkeys((torch.exp, torch.log, torch.pow, operator.pow, torch.abs, torch.sign, torch.topk, torch.sort), "nonlinear"),
+}
+_NONLINEAR_METHODS = {
+    **dict.fromkeys(("relu", "relu_", "clamp", "clamp_", "clamp_min", "clamp_min_", "clip", "clip_"), "activation"),
+    **dict.fromkeys(("sigmoid", "sigmoid_", "tanh", "tanh_", "softmax", "log_softmax"), "gate"),
+    **dict.fromkeys(("max", "amax", "min", "amin", "maximum", "minimum"), "max"),
+    **dict.fromkeys(("sqrt", "rsqrt", "var", "std", "norm"), "norm"),
+    **dict.fromkeys(("exp", "exp_", "log", "pow", "pow_", "abs", "abs_", "sign", "topk", "sort"), "nonlinear"),
+}
+# Bilinear ops are linear when one operand is a parameter (x @ W, conv with its own
+# weight) and not when both are signals: a product of two signals is a gate, a matrix
+# product of two signals is attention, a convolution with a signal-made kernel (CondConv)
+# is a gate.
+_BILINEAR_FUNCTIONS = {
+    **dict.fromkeys((operator.mul, operator.imul, torch.mul, operator.truediv, operator.itruediv, torch.div), "gate"),
+    **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d, F.linear), "gate"),
+    **dict.fromkeys((operator.matmul, torch.matmul, torch.bmm, torch.einsum, torch.baddbmm), "attention"),
+}
+_BILINEAR_METHODS = {**dict.fromkeys(("mul", "mul_", "div", "div_"), "gate"), **dict.fromkeys(("matmul", "bmm"), "attention")}
+# Shapes and dtypes of a signal are static at trace time, not signals.
+_STATIC_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
+_STATIC_METHODS = {"size", "dim", "numel", "type_as"}
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """Traces a whole network, keeping QCFS, neurons, torch.nn layers and timm's no-trace modules as leaves.
+
+    timm registers the modules and functions that symbolic tracing cannot enter (VGG's
+    head checks the input size); treating them as leaves is what timm's own FX feature
+    extraction does.
+    """
+
+    def __init__(self):
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (
+            isinstance(m, (QCFS, MultiStepNeuron))
+            or is_notrace_module(type(m))
+            or super().is_leaf_module(m, qualname)
+        )
+
+
+class _ShallowTracer(torch.fx.Tracer):
+    """Traces one module's own forward: every submodule it calls is a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return True
+
+
+def has_own_forward(module: nn.Module) -> bool:
+    """True if the module's forward is code outside torch.nn (its ops are not covered by class rules)."""
+    if isinstance(module, (QCFS, MultiStepNeuron)):
+        return False
+    return not type(module).__module__.startswith("torch.nn")
+
+
+def trace_own_forward(module: nn.Module) -> torch.fx.Graph:
+    """The fx graph of ``module.forward`` with every submodule as a leaf; raises if it does not trace.
+
+    Optional arguments with non-tensor defaults (``pre_logits=False``, ``mask=None``) are
+    fixed to their defaults: they are what the parent passes in the common case, and a
+    symbolic flag would stop tracing at the first ``if``.
+    """
+    params = list(inspect.signature(module.forward).parameters.values())[1:]  # after the input
+    concrete = {
+        p.name: p.default
+        for p in params
+        if p.kind is p.POSITIONAL_OR_KEYWORD
+        and p.default is not inspect.Parameter.empty
+        and not isinstance(p.default, torch.Tensor)
+    }
+    return _ShallowTracer().trace(module, concrete_args=concrete or None)
+
+
+def functional_activation_nodes(graph: torch.fx.Graph, targets) -> list[torch.fx.Node]:
+    """Nodes of ``graph`` that call one of ``targets`` (functions, or method names as strings)."""
+    return [n for n in graph.nodes if n.op in ("call_function", "call_method") and n.target in targets]
+
+
+def _dynamic_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
+    """Nodes whose value depends on the forward's inputs (not on parameters or shapes alone)."""
+    dynamic: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            dynamic.add(node)
+        elif node.op in ("call_function", "call_method", "call_module"):
+            if node.op == "call_method" and node.target in _STATIC_METHODS:
+                continue
+            if node.op == "call_function" and node.target is getattr and node.args[1] in _STATIC_ATTRS:
+                continue
+            if any(a in dynamic for a in node.all_input_nodes):
+                dynamic.add(node)
+    return dynamic
+
+
+def _count_signal_operands(node: torch.fx.Node, dynamic: set[torch.fx.Node]) -> int:
+    # Counted with repeats: x * x is a square, not a product of a signal and a constant.
+    operands: list[torch.fx.Node] = []
+    torch.fx.node.map_arg((node.args, node.kwargs), operands.append)
+    return sum(a in dynamic for a in operands)
+
+
+def _graph_problems(graph: torch.fx.Graph, where: str) -> list[Problem]:
+    dynamic = _dynamic_nodes(graph)
+    problems = []
+    for node in graph.nodes:
+        if node not in dynamic:
+            continue  # arithmetic on parameters or shapes only (e.g. weight standardisation)
+        kind, op = None, None
+        two_signals = _count_signal_operands(node, dynamic) >= 2
+        if node.op == "call_function":
+            op = getattr(node.target, "__name__", str(node.target))
+            kind = _NONLINEAR_FUNCTIONS.get(node.target)
+            if kind is None and two_signals:
+                kind = _BILINEAR_FUNCTIONS.get(node.target)
+        elif node.op == "call_method":
+            op = f".{node.target}()"
+            kind = _NONLINEAR_METHODS.get(node.target)
+            if kind is None and two_signals:
+                kind = _BILINEAR_METHODS.get(node.target)
+        if kind:
+            problems.append(Problem(where, op, REASONS[kind], kind))
+    return problems
+
+
+def _scan(model: nn.Module) -> tuple[list[Problem], int, list[str], list[str]]:
+    problems, activations, untraced, notes = [], 0, [], []
+    for name, module in model.named_modules():
+        if isinstance(module, (QCFS, MultiStepNeuron)):
+            activations += 1
+            continue
+        kind = next((kind for classes, kind in _MODULE_RULES if isinstance(module, classes)), None)
+        if kind:
+            problems.append(Problem(name, type(module).__name__, REASONS[kind], kind))
+            continue  # its own forward is the op just named
+        if not has_own_forward(module):
+            continue
+        try:
+            graph = trace_own_forward(module)
+        except Exception as exc:  # data-dependent control flow etc.: its submodules are still checked
+            untraced.append(name)
+            notes.append(f"forward of {name or '<root>'} ({type(module).__name__}) not traced ({type(exc).__name__}); its own ops were not checked")
+            continue
+        problems += _graph_problems(graph, f"forward of {name}" if name else "forward")
+    return problems, activations, untraced, notes
+
+
+def check(model_or_name, **create_kwargs) -> CheckReport:
+    """Report whether a model (or a timm name, built with :func:`create_model`) converts.
+
+    Never raises for an unconvertible model: the report lists every offending module path
+    and operation with the reason. :func:`qcfs_snntorch.convert` raises
+    :class:`ConversionError` carrying the same report.
+    """
+    if isinstance(model_or_name, str):
+        from .models import create_model
+
+        create_kwargs.setdefault("num_classes", 10)
+        model = create_model(model_or_name, **create_kwargs)
+        label = model_or_name
+    else:
+        model, label = model_or_name, type(model_or_name).__name__
+    problems, activations, untraced, notes = _scan(model)
+    return CheckReport(label, problems, activations, notes, untraced)

@@ -1,0 +1,108 @@
+"""convert: a QCFS network → a SpikingModel of IF neurons (snnTorch ``Leaky``)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx
+from torch import nn
+
+from .check import ConversionError, _LeafTracer, check
+from .neurons import IFNeuron
+from .qcfs import QCFS
+from .spiking import SpikingModel
+
+__all__ = ["convert", "fold_batchnorm"]
+
+
+def _fuse(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1.0 / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias.detach() if bn.affine else 0.0) - bn.running_mean * scale
+    weight = layer.weight.detach()
+    if isinstance(layer, nn.Linear):
+        new_weight = weight * scale[:, None]
+    elif isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        raise ValueError("BatchNorm after a transposed convolution is not folded")
+    else:
+        new_weight = weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+    bias = layer.bias.detach() if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    with torch.no_grad():
+        layer.weight.copy_(new_weight)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(bias * scale + shift)
+        else:
+            layer.bias.copy_(bias * scale + shift)
+
+
+def fold_batchnorm(net: nn.Module) -> int:
+    """Fold each BatchNorm that directly follows a conv/linear used only by it; returns the count.
+
+    Pairs are found on the traced graph, so residual branches and shared layers are never
+    folded wrongly. Folding uses the running statistics (the network's eval-mode function).
+    """
+    try:
+        graph = _LeafTracer().trace(net)
+    except Exception as exc:
+        raise ValueError(f"fold_bn needs a traceable network; tracing {type(net).__name__} failed: {exc}") from exc
+    modules = dict(net.named_modules())
+    folded = 0
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        source = node.args[0]
+        if not (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1):
+            continue
+        layer = modules[source.target]
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and layer.weight.shape[0] == modules[node.target].num_features:
+            _fuse(layer, modules[node.target])
+            net.set_submodule(node.target, nn.Identity())
+            folded += 1
+    return folded
+
+
+def convert(
+    model: nn.Module,
+    *,
+    fold_bn: bool = False,
+    learn_threshold: bool = False,
+    surrogate: str = "triangle",
+    surrogate_width: float = 1.0,
+    chunk_size: int | None = None,
+) -> SpikingModel:
+    """Convert a network with QCFS activations into a :class:`SpikingModel`.
+
+    Each QCFS becomes an :class:`~qcfs_snntorch.neurons.IFNeuron` with θ = λ, v(0) = θ/2,
+    reset by subtraction and firing on v ≥ θ. The input model is not modified.
+
+    Args:
+        fold_bn: fold BatchNorm into the preceding conv/linear (same eval-mode function).
+        learn_threshold: make θ a parameter (for hybrid fine-tuning).
+        surrogate, surrogate_width: surrogate gradient of the firing rule, width in units of θ.
+        chunk_size: most time steps per folded forward (memory bound at large T).
+
+    Raises:
+        ConversionError: listing every module or functional op that cannot be converted.
+    """
+    report = check(model)
+    if not report.convertible:
+        raise ConversionError(report)
+    net = copy.deepcopy(model)
+    if fold_bn:
+        fold_batchnorm(net)
+
+    def neuron_for(act: QCFS) -> IFNeuron:
+        return IFNeuron(
+            act.threshold.detach().clone(),
+            learn_threshold=learn_threshold,
+            surrogate=surrogate,
+            surrogate_width=surrogate_width,
+        ).to(act.threshold.device)
+
+    if isinstance(net, QCFS):
+        net = neuron_for(net)
+    else:
+        for name, module in list(net.named_modules()):
+            if isinstance(module, QCFS):
+                net.set_submodule(name, neuron_for(module))
+    return SpikingModel(net, chunk_size=chunk_size).train(model.training)

@@ -1,0 +1,89 @@
+"""The QCFS activation: quantization, clip, floor, shift (Bu et al., ICLR 2022).
+
+``a(z) = λ · clip(floor(z·L/λ + φ) / L, 0, 1)`` with a learnable clip λ (``threshold``),
+``L`` quantization levels and the shift φ = 1/2 that makes the expected ANN→SNN
+conversion error zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["QCFS", "qcfs"]
+
+
+class _QCFSFunction(torch.autograd.Function):
+    """QCFS with a straight-through floor, written as one autograd node.
+
+    One node instead of the five elementwise ops of the literal formula keeps activation
+    memory at one saved tensor (the input) and the backward pass to one fused kernel.
+    Gradients (straight-through floor):
+      ∂a/∂z = 1 for 0 < z < λ, else 0;
+      ∂a/∂λ = q − z/λ for 0 < z < λ, 1 for z ≥ λ, 0 for z ≤ 0, with q = a/λ.
+    """
+
+    @staticmethod
+    def forward(ctx, z, threshold, levels: int, shift: float):
+        ctx.save_for_backward(z, threshold)
+        ctx.levels, ctx.shift = levels, shift
+        q = torch.floor(z * (levels / threshold) + shift).clamp_(0, levels).div_(levels)
+        return q.mul_(threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, threshold = ctx.saved_tensors
+        levels, shift = ctx.levels, ctx.shift
+        inside = (z > 0) & (z < threshold)
+        grad_z = grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_z = grad_out * inside
+        if ctx.needs_input_grad[1]:
+            q = torch.floor(z * (levels / threshold) + shift).clamp_(0, levels).div_(levels)
+            d_threshold = torch.where(inside, q - z / threshold, (z >= threshold).to(z.dtype))
+            grad_t = (grad_out * d_threshold).sum_to_size(threshold.shape)
+        return grad_z, grad_t, None, None
+
+
+def qcfs(z: torch.Tensor, threshold: torch.Tensor, levels: int, shift: float = 0.5) -> torch.Tensor:
+    """Functional QCFS; ``threshold`` is λ (a tensor broadcastable to ``z``)."""
+    if threshold.dtype != z.dtype:
+        # Under autocast z may be bf16/fp16 while λ stays fp32: compute in z's dtype.
+        threshold = threshold.to(z.dtype)
+    return _QCFSFunction.apply(z, threshold, int(levels), float(shift))
+
+
+class QCFS(nn.Module):
+    """Quantization-clip-floor-shift activation, the ANN side of an IF neuron.
+
+    Args:
+        levels: number of quantization levels L (> 0). An SNN run for T steps computes,
+            layer by layer, what this activation computes with ``levels = T``.
+        threshold: initial λ, the clip value and later the neuron's firing threshold.
+            Learnable; the paper starts at 8.0 (a start near 1 can drive λ negative).
+        shift: φ, 1/2 in the paper (zero expected conversion error).
+        inplace: accepted so timm can build the class as an ``act_layer``; ignored,
+            because the straight-through backward needs the input.
+    """
+
+    def __init__(self, levels: int = 4, threshold: float = 8.0, shift: float = 0.5, inplace: bool = False):
+        super().__init__()
+        self.levels = levels
+        self.shift = float(shift)
+        self.threshold = nn.Parameter(torch.tensor(float(threshold)))
+
+    @property
+    def levels(self) -> int:
+        return self._levels
+
+    @levels.setter
+    def levels(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"QCFS levels must be a positive integer, got {value!r}")
+        self._levels = value
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return qcfs(z, self.threshold, self._levels, self.shift)
+
+    def extra_repr(self) -> str:
+        return f"levels={self._levels}, threshold={self.threshold.item():.4g}, shift={self.shift}"
