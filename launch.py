@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
@@ -31,7 +31,7 @@ from qcfs_snntorch.data import DataError, build_datasets
 from qcfs_snntorch.evaluate import evaluate_ann, evaluate_snn
 from qcfs_snntorch.finetune import TimeAveraged
 from qcfs_snntorch.report import RunLog, accuracy_table, write_report
-from qcfs_snntorch.train import TrainingDiverged, fit
+from qcfs_snntorch.train import TrainingDiverged, fit, make_accelerator
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, qs.UnknownModelError, qs.ConversionError, TrainingDiverged)
 
@@ -59,12 +59,7 @@ def choose_run_dir(cfg, accelerator: Accelerator) -> Path:
 
 def main(argv: list[str]) -> dict:
     cfg = load_config(argv)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        # Neuron membranes are per-rank state, never to be copied from rank 0 (BN stats are averaged per epoch instead).
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-    )
+    accelerator = make_accelerator(cfg.mixed_precision)
     set_seed(cfg.seed)
 
     # Build everything that can fail on bad input before any work is done.
@@ -73,13 +68,12 @@ def main(argv: list[str]) -> dict:
     ann = qs.create_model(
         cfg.model.name,
         num_classes=info.num_classes,
-        in_chans=info.in_chans,
         levels=cfg.model.levels,
         threshold=cfg.model.threshold,
         activations=cfg.model.activations,
         cifar_stem=cfg.model.cifar_stem,
         pretrained=cfg.model.pretrained,
-        **cfg.model.kwargs,
+        **{"in_chans": info.in_chans, **cfg.model.kwargs},
     )
     if cfg.model.checkpoint:
         load_weights(ann, cfg.model.checkpoint)

@@ -11,20 +11,32 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
 
-__all__ = ["TrainingDiverged", "fit", "sync_batchnorm_stats"]
+__all__ = ["TrainingDiverged", "fit", "make_accelerator", "sync_batchnorm_stats"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; no checkpoint was written for the bad step."""
+
+
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """The Accelerator for a run: DDP without buffer broadcasts, seedable data order."""
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        # Neuron membranes are per-rank state, never to be copied from rank 0; BN statistics
+        # are averaged at each epoch's end instead (sync_batchnorm_stats).
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
 
 
 def sync_batchnorm_stats(model: nn.Module, accelerator: Accelerator) -> None:
@@ -99,7 +111,10 @@ def fit(
         momentum=cfg.momentum,
         filter_bias_and_bn=not cfg.decay_bias_and_norm,
     )
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    with warnings.catch_warnings():
+        # Accelerate suggests forward_sync_buffers, which still syncs at init; we want no buffer sync at all.
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch * cfg.grad_accum_steps)

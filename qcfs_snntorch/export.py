@@ -1,0 +1,424 @@
+"""export_nir: a converted network → a NIR graph (nir 1.0.8), written to an HDF5 file.
+
+What maps exactly
+- Conv1d/Conv2d → ``nir.Conv1d``/``nir.Conv2d``; Linear → ``nir.Affine`` (zero bias when
+  the layer has none). BatchNorm is folded into the preceding conv/linear (on a copy); a
+  BatchNorm2d that cannot be folded becomes a depthwise 1×1 ``nir.Conv2d``.
+- Average pooling without padding (and adaptive average pooling with an integer ratio)
+  → ``nir.AvgPool2d``; padded average pooling → ``nir.SumPool2d`` + ``nir.Scale`` holding
+  1 / (number of elements averaged) per output position, so border windows are exact
+  whatever ``count_include_pad`` was.
+- flatten → ``nir.Flatten`` (NIR shapes have no batch dimension: torch ``start_dim=1`` is
+  NIR ``start_dim=0``).
+- A residual add has no node: every summand gets an edge into the consumer (NIR sums
+  the incoming edges of a node).
+- Each IFNeuron → ``nir.IF`` with ``v_threshold = θ``, ``v_reset = 0`` and ``r`` (below),
+  as per-neuron arrays of the layer's shape. One step of our SNN is one unit of NIR time
+  (dt = 1): ``v += r · input`` per step.
+
+Spike value. A NIR spike is 1; ours is worth θ. The exporter folds θ into whatever
+consumes the spikes, so a plain NIR consumer computes the same function. Every signal
+carries a scale (its real value = scale × its NIR value): an IF emits scale θ; a
+conv/linear multiplies its weights by the scale of its input and emits scale 1; an IF
+takes its input scale as ``r``, which keeps its membrane in the source model's units
+(threshold θ, v(0) = θ/2). A residual sum needs one scale: summands computed only for
+the sum (a conv branch) are rescaled in their weights; a ``nir.Scale`` node is inserted
+only where two fixed scales meet. With per-channel thresholds an IF is followed by a
+``nir.Scale`` holding θ.
+
+What NIR's IF cannot express is written into each IF node's ``metadata`` (see
+docs/NIR.md): ``reset = "subtract"`` (NIR resets to ``v_reset``), ``fire = "v >=
+v_threshold"`` (NIR fires on ``>``), ``v_initial`` (θ/2 per neuron; NIR starts at 0),
+``spike_value`` (θ, already folded downstream) and ``source_module``. Graph metadata
+says the input is fed unchanged at every step and the prediction is the mean of the
+output over the steps. :func:`simulate_nir` runs a graph with either semantics.
+
+Whatever cannot be exported (max pooling, concatenation, products, unconverted QCFS,
+other neuron types, timm's dynamically padded ``*Same`` layers) raises ``ValueError``
+naming the module or operation.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections import defaultdict, deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import nir
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.utils import _pair
+
+from .check import _LeafTracer
+from .convert import fold_batchnorm
+from .neurons import IFNeuron, MultiStepNeuron
+from .qcfs import QCFS
+
+__all__ = ["export_nir", "simulate_nir"]
+
+_ADDS = {("call_function", f) for f in (operator.add, operator.iadd, torch.add)} | {("call_method", "add"), ("call_method", "add_")}
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_RESCALABLE = (nir.Conv1d, nir.Conv2d, nir.Affine, nir.Scale)
+
+
+@dataclass(frozen=True)
+class _Signal:
+    """A value of the traced network as NIR sees it: the sum of ``sources``' outputs."""
+
+    sources: tuple[str, ...]
+    scale: float  # real value = scale × NIR value
+    shape: tuple[int, ...]  # one sample, no batch dimension
+    exclusive: bool  # only one consumer: its producing weights may be rescaled
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy().copy()
+
+
+class _Exporter:
+    def __init__(self, net: nn.Module, graph: torch.fx.Graph):
+        self.modules = dict(net.named_modules())
+        self.graph = graph
+        self.nodes: dict[str, nir.NIRNode] = {}
+        self.edges: list[tuple[str, str]] = []
+
+    # -- helpers ---------------------------------------------------------------------
+    def add(self, name: str, node: nir.NIRNode, inp: _Signal | None) -> str:
+        """Add ``node`` fed by ``inp``; returns its name (made unique)."""
+        while name in self.nodes:
+            name += "_"
+        self.nodes[name] = node
+        if inp is not None:
+            self.edges += [(src, name) for src in inp.sources]
+        return name
+
+    def rescalable(self, sig: _Signal) -> bool:
+        return sig.exclusive and all(isinstance(self.nodes[s], _RESCALABLE) for s in sig.sources)
+
+    def to_scale(self, sig: _Signal, target: float, name: str) -> _Signal:
+        """Express ``sig`` in units of ``target``: rescale its producers, or add a nir.Scale."""
+        if sig.scale == target:
+            return sig
+        factor = sig.scale / target
+        if self.rescalable(sig):
+            for src in sig.sources:
+                node = self.nodes[src]
+                if isinstance(node, nir.Scale):
+                    node.scale = node.scale * np.float32(factor)
+                else:
+                    node.weight = node.weight * np.float32(factor)
+                    node.bias = node.bias * np.float32(factor)
+            return replace(sig, scale=target)
+        name = self.add(name, nir.Scale(scale=np.full(sig.shape, factor, dtype=np.float32)), sig)
+        return _Signal((name,), target, sig.shape, exclusive=True)
+
+    # -- the walk --------------------------------------------------------------------
+    def run(self) -> None:
+        signals: dict[torch.fx.Node, _Signal] = {}
+        for node in self.graph.nodes:
+            exclusive = len(node.users) == 1
+            if node.op == "placeholder":
+                if signals:
+                    raise ValueError(f"export_nir: only one network input is supported, found {node.name!r}")
+                shape = tuple(node.meta["tensor_meta"].shape[1:])
+                name = self.add("input", nir.Input(input_type=np.array(shape)), None)
+                signals[node] = _Signal((name,), 1.0, shape, exclusive)
+            elif node.op == "output":
+                result = node.args[0]
+                if not isinstance(result, torch.fx.Node):
+                    raise ValueError("export_nir: the network must return one tensor (NIR graphs here have one Output)")
+                sig = self.to_scale(signals[result], 1.0, "output_scale")
+                self.add("output", nir.Output(output_type=np.array(sig.shape)), sig)
+            elif node.op == "call_module":
+                signals[node] = self.module(node, signals[node.args[0]], exclusive)
+            elif (node.op, node.target) in _ADDS:
+                signals[node] = self.residual_sum(node, signals, exclusive)
+            elif node.op in ("call_function", "call_method") and self.is_flatten(node):
+                signals[node] = self.flatten(node, signals[node.args[0]], exclusive)
+            else:
+                owner = node.meta.get("nn_module_stack")
+                where = f" in the forward of {list(owner)[-1]!r}" if owner else ""
+                op = getattr(node.target, "__name__", str(node.target))
+                raise ValueError(f"export_nir: cannot express {node.op} {op!r}{where} in NIR")
+
+    def module(self, node: torch.fx.Node, inp: _Signal, exclusive: bool) -> _Signal:
+        m, name, path = self.modules[node.target], node.name, node.target
+        out_shape = tuple(node.meta["tensor_meta"].shape[1:])
+        meta = {"source_module": path}
+        if isinstance(m, _PASS_THROUGH):
+            return replace(inp, exclusive=inp.exclusive and exclusive)
+        if isinstance(m, QCFS):
+            raise ValueError(f"export_nir: {path!r} is a QCFS activation; export the converted network (qcfs_snntorch.convert)")
+        if isinstance(m, MultiStepNeuron):
+            return self.neuron(m, name, path, inp)
+        # Exact types: timm's leaf subclasses (Conv2dSame, AvgPool2dSame, BatchNormAct2d) compute
+        # something else (dynamic "same" padding, a fused activation) and are refused below.
+        if type(m) in (nn.Conv1d, nn.Conv2d):
+            if m.padding_mode != "zeros":
+                raise ValueError(f"export_nir: {path!r} uses padding_mode={m.padding_mode!r}; NIR convolutions pad with zeros")
+            bias = _np(m.bias) if m.bias is not None else np.zeros(m.out_channels, np.float32)
+            common = dict(weight=_np(m.weight) * np.float32(inp.scale), bias=bias, groups=m.groups, metadata=meta)
+            if isinstance(m, nn.Conv2d):
+                conv = nir.Conv2d(input_shape=inp.shape[1:], stride=m.stride, padding=m.padding, dilation=m.dilation, **common)
+            else:
+                conv = nir.Conv1d(input_shape=inp.shape[1], stride=m.stride[0], padding=m.padding if isinstance(m.padding, str) else m.padding[0], dilation=m.dilation[0], **common)
+            return _Signal((self.add(name, conv, inp),), 1.0, out_shape, exclusive)
+        if isinstance(m, nn.Linear):
+            if len(inp.shape) != 1:
+                raise ValueError(f"export_nir: {path!r} is applied to a {len(inp.shape) + 1}-d input; NIR's Affine takes [batch, features]")
+            bias = _np(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32)
+            affine = nir.Affine(weight=_np(m.weight) * np.float32(inp.scale), bias=bias, metadata=meta)
+            return _Signal((self.add(name, affine, inp),), 1.0, out_shape, exclusive)
+        if type(m) is nn.BatchNorm2d and m.track_running_stats:
+            # Not folded (it follows no conv of its own): a depthwise 1×1 conv is the same affine map.
+            scale = torch.rsqrt(m.running_var + m.eps) * (m.weight if m.affine else 1.0)
+            shift = (m.bias if m.affine else 0.0) - m.running_mean * scale
+            conv = nir.Conv2d(
+                input_shape=inp.shape[1:], weight=_np(scale.reshape(-1, 1, 1, 1)) * np.float32(inp.scale),
+                stride=1, padding=0, dilation=1, groups=m.num_features, bias=_np(shift), metadata=meta,
+            )
+            return _Signal((self.add(name, conv, inp),), 1.0, out_shape, exclusive)
+        if type(m) in (nn.AvgPool2d, nn.AdaptiveAvgPool2d):
+            return self.avg_pool(m, name, path, inp, out_shape, exclusive)
+        if isinstance(m, nn.Flatten):
+            return self.flatten_dims(name, path, inp, m.start_dim, m.end_dim, exclusive)
+        hint = "; max pooling is not linear in spike rates: use average pooling" if "MaxPool" in type(m).__name__ else ""
+        raise ValueError(f"export_nir: module {path!r} ({type(m).__name__}) has no NIR equivalent here{hint}")
+
+    def neuron(self, m: MultiStepNeuron, name: str, path: str, inp: _Signal) -> _Signal:
+        if not isinstance(m, IFNeuron):
+            raise ValueError(f"export_nir: {path!r} is a {type(m).__name__}; only IFNeuron maps onto nir.IF")
+        shape = inp.shape
+        theta = m.threshold.detach().float().cpu()
+        theta_full = _np(theta.expand(shape))
+        # initial_potential is asked rather than assumed, so subclasses with another v(0) export right.
+        v_initial = _np(m.initial_potential(torch.zeros(1, *shape, device=m.threshold.device))[0])
+        meta = {
+            "source_module": path,
+            "reset": "subtract",  # v ← v − v_threshold after a spike (NIR: v ← v_reset)
+            "fire": "v >= v_threshold",  # NIR: v > v_threshold
+            "v_initial": v_initial,  # NIR: 0
+            "spike_value": float(theta) if theta.numel() == 1 else _np(theta),  # folded into the consumers
+        }
+        node = nir.IF(
+            r=np.full(shape, inp.scale, dtype=np.float32),
+            v_threshold=theta_full,
+            v_reset=np.zeros(shape, dtype=np.float32),
+            metadata=meta,
+        )
+        out = _Signal((self.add(name, node, inp),), 1.0, shape, exclusive=False)
+        if theta.numel() == 1:
+            return replace(out, scale=float(theta))
+        # Per-channel θ: one scalar scale cannot carry it, so spikes are scaled by a node.
+        scaled = self.add(f"{name}_scale", nir.Scale(scale=theta_full, metadata={"source_module": path}), out)
+        return _Signal((scaled,), 1.0, shape, exclusive=False)
+
+    def avg_pool(self, m, name, path, inp, out_shape, exclusive) -> _Signal:
+        channels, height, width = inp.shape
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            oh, ow = out_shape[1:]
+            if height % oh or width % ow:
+                raise ValueError(f"export_nir: {path!r} pools {height}×{width} to {oh}×{ow}, not an integer ratio")
+            kernel, stride, padding, divisor, include_pad = (height // oh, width // ow), (height // oh, width // ow), (0, 0), None, True
+        else:
+            kernel, padding = _pair(m.kernel_size), _pair(m.padding)
+            stride = _pair(m.stride if m.stride is not None else m.kernel_size)
+            divisor, include_pad = m.divisor_override, m.count_include_pad
+        floor_shape = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip((height, width), padding, kernel, stride)]
+        if list(out_shape[1:]) != floor_shape:
+            raise ValueError(f"export_nir: {path!r} uses ceil_mode with a larger output than NIR's floor rule")
+        if padding == (0, 0) and divisor is None:
+            pool = nir.AvgPool2d(kernel_size=np.array(kernel), stride=np.array(stride), padding=np.array(padding), metadata={"source_module": path})
+            return _Signal((self.add(name, pool, inp),), inp.scale, out_shape, inp.exclusive and exclusive)
+        # Padded (or divisor-overridden) averaging: sum, then divide by the count of each window.
+        pool = nir.SumPool2d(kernel_size=np.array(kernel), stride=np.array(stride), padding=np.array(padding), metadata={"source_module": path})
+        name = self.add(name, pool, inp)
+        if divisor is not None:
+            count = torch.full((1, 1, *floor_shape), float(divisor))
+        else:
+            ones = torch.ones(1, 1, height, width)
+            count = F.avg_pool2d(ones, kernel, stride, padding, count_include_pad=include_pad, divisor_override=1)
+            if include_pad:
+                count = torch.full_like(count, float(kernel[0] * kernel[1]))
+        scale = _np((1.0 / count).expand(1, channels, *floor_shape)[0])
+        summed = _Signal((name,), inp.scale, out_shape, exclusive)
+        scaled = self.add(f"{name}_scale", nir.Scale(scale=scale, metadata={"source_module": path}), summed)
+        return replace(summed, sources=(scaled,))
+
+    def is_flatten(self, node: torch.fx.Node) -> bool:
+        if node.target in (torch.flatten, "flatten"):
+            return True
+        if node.target in ("view", "reshape"):
+            # x.view(B, -1), the usual flatten before a classifier, and nothing else.
+            before, after = node.args[0].meta["tensor_meta"].shape, node.meta["tensor_meta"].shape
+            return len(after) == 2 and after[0] == before[0] and after[1] == before[1:].numel()
+        return False
+
+    def flatten(self, node: torch.fx.Node, inp: _Signal, exclusive: bool) -> _Signal:
+        if node.target in ("view", "reshape"):
+            start, end = 1, -1
+        else:
+            args = list(node.args[1:]) + [None, None]
+            start = node.kwargs.get("start_dim", args[0] if args[0] is not None else 0)
+            end = node.kwargs.get("end_dim", args[1] if args[1] is not None else -1)
+        return self.flatten_dims(node.name, node.name, inp, start, end, exclusive)
+
+    def flatten_dims(self, name, path, inp, start, end, exclusive) -> _Signal:
+        ndim = len(inp.shape) + 1
+        start, end = start % ndim, end % ndim
+        if start == 0:
+            raise ValueError(f"export_nir: {path!r} flattens the batch dimension")
+        end = -1 if end == ndim - 1 else end - 1
+        node = nir.Flatten(input_type={"input": np.array(inp.shape)}, start_dim=start - 1, end_dim=end, metadata={"source_module": path})
+        out_shape = tuple(int(n) for n in node.output_type["output"])
+        return _Signal((self.add(name, node, inp),), inp.scale, out_shape, inp.exclusive and exclusive)
+
+    def residual_sum(self, node: torch.fx.Node, signals, exclusive: bool) -> _Signal:
+        if len(node.args) != 2 or node.kwargs or not all(isinstance(a, torch.fx.Node) for a in node.args):
+            raise ValueError(f"export_nir: {node.name!r} adds a constant or scales a summand; only sums of two signals map onto NIR edges")
+        summands = [signals[a] for a in node.args]
+        if set(summands[0].sources) & set(summands[1].sources):
+            raise ValueError(f"export_nir: {node.name!r} adds a signal to itself; NIR edges cannot carry a factor of 2")
+        fixed = [s for s in summands if not self.rescalable(s)]
+        target = fixed[0].scale if fixed else 1.0  # keep an IF's spikes as they are when one is summed
+        summands = [self.to_scale(s, target, f"{node.name}_rescale{i}") for i, s in enumerate(summands)]
+        sources = tuple(src for s in summands for src in s.sources)
+        return _Signal(sources, target, summands[0].shape, exclusive and all(s.exclusive for s in summands))
+
+
+def export_nir(snn: nn.Module, path: str | Path, sample_input: torch.Tensor) -> nir.NIRGraph:
+    """Write a converted network as a NIR graph to ``path`` (HDF5) and return the graph.
+
+    Args:
+        snn: a :class:`~qcfs_snntorch.SpikingModel` (its ``.net`` is exported) or a network
+            whose activations are :class:`~qcfs_snntorch.IFNeuron` modules. Not modified.
+        path: the file to write (``.nir`` by convention).
+        sample_input: one step's input with a batch dimension, e.g. ``[1, 3, 32, 32]``;
+            only its shape matters (NIR types have no batch dimension).
+
+    Raises:
+        ValueError: naming the first module or operation NIR cannot express.
+
+    See the module docstring and docs/NIR.md for the mapping and the metadata that
+    carries what NIR's IF cannot (subtract reset, v(0) = θ/2, firing on v ≥ θ).
+    """
+    net = copy.deepcopy(getattr(snn, "net", snn)).eval()
+    fold_batchnorm(net)
+    try:
+        graph = _LeafTracer().trace(net)
+    except Exception as exc:
+        raise ValueError(f"export_nir: tracing {type(net).__name__} failed: {exc}") from exc
+    for m in net.modules():
+        if isinstance(m, MultiStepNeuron):
+            m.timesteps = 1
+            m.reset_state()
+    with torch.no_grad():
+        ShapeProp(torch.fx.GraphModule(net, graph)).propagate(sample_input[:1])
+    exporter = _Exporter(net, graph)
+    exporter.run()
+    metadata = {
+        "producer": "qcfs_snntorch.export_nir",
+        "time": "one step of the SNN = one NIR time unit (dt = 1); IF integrates v += r * input per step",
+        "encoding": "direct: the same input is fed at every step",
+        "readout": "the prediction after T steps is the mean of the Output over the first T steps",
+        "if_semantics": "see each IF node's metadata: reset, fire, v_initial, spike_value (folded downstream)",
+    }
+    result = nir.NIRGraph(nodes=exporter.nodes, edges=exporter.edges, metadata=metadata, type_check=True)
+    nir.write(path, result)
+    return result
+
+
+def _topological_order(graph: nir.NIRGraph) -> tuple[list[str], dict[str, list[str]]]:
+    preds: dict[str, list[str]] = defaultdict(list)
+    indegree = dict.fromkeys(graph.nodes, 0)
+    for src, dst in graph.edges:
+        preds[dst].append(src)
+        indegree[dst] += 1
+    ready = deque(n for n, d in indegree.items() if d == 0)
+    order = []
+    while ready:
+        name = ready.popleft()
+        order.append(name)
+        for src, dst in graph.edges:
+            if src == name:
+                indegree[dst] -= 1
+                if indegree[dst] == 0:
+                    ready.append(dst)
+    if len(order) != len(graph.nodes):
+        raise ValueError("simulate_nir: the graph has a cycle (recurrent graphs are not supported)")
+    return order, preds
+
+
+def _ints(value) -> tuple[int, ...] | str:
+    return value if isinstance(value, str) else tuple(int(v) for v in np.atleast_1d(value))
+
+
+@torch.no_grad()
+def simulate_nir(graph: nir.NIRGraph, x: torch.Tensor, timesteps: int, *, qcfs_semantics: bool = True) -> torch.Tensor:
+    """Run a feed-forward NIR graph for ``timesteps`` steps of dt = 1 on a static input ``x``.
+
+    A reference executor for the nodes :func:`export_nir` writes. With
+    ``qcfs_semantics=True`` each IF node follows its metadata (``v_initial``, firing on
+    ``v >= v_threshold``, subtract reset) and reproduces the SpikingModel; with ``False``
+    it follows the NIR spec alone (v(0) = 0, firing on ``v > v_threshold``, reset to
+    ``v_reset``), which is what a NIR consumer that ignores metadata runs.
+
+    Returns the Output node's value per step, ``[T, B, …]``.
+    """
+    order, preds = _topological_order(graph)
+    (out_name,) = graph.outputs
+    params = {n: {k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in vars(node).items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"} for n, node in graph.nodes.items()}
+    membranes: dict[str, torch.Tensor] = {}
+    outputs = []
+    for _ in range(timesteps):
+        values: dict[str, torch.Tensor] = {}
+        for name in order:
+            node, p = graph.nodes[name], params[name]
+            inp = x.float() if isinstance(node, nir.Input) else sum(values[s] for s in preds[name])
+            if isinstance(node, (nir.Input, nir.Output)):
+                out = inp
+            elif isinstance(node, nir.Conv2d):
+                out = F.conv2d(inp, p["weight"], p["bias"], _ints(node.stride), _ints(node.padding), _ints(node.dilation), int(node.groups))
+            elif isinstance(node, nir.Conv1d):
+                out = F.conv1d(inp, p["weight"], p["bias"], _ints(node.stride), _ints(node.padding), _ints(node.dilation), int(node.groups))
+            elif isinstance(node, nir.Affine):
+                out = F.linear(inp, p["weight"], p["bias"])
+            elif isinstance(node, nir.Linear):
+                out = F.linear(inp, p["weight"])
+            elif isinstance(node, nir.Scale):
+                out = inp * p["scale"]
+            elif isinstance(node, nir.Flatten):
+                end = int(node.end_dim)
+                out = inp.flatten(int(node.start_dim) + 1, end + 1 if end >= 0 else -1)
+            elif isinstance(node, (nir.AvgPool2d, nir.SumPool2d)):
+                k, s, pad = _ints(node.kernel_size), _ints(node.stride), _ints(node.padding)
+                out = F.avg_pool2d(inp, k, s, pad, count_include_pad=True, divisor_override=1 if isinstance(node, nir.SumPool2d) else None)
+            elif isinstance(node, nir.IF):
+                out = _if_step(node, p, inp, membranes, name, qcfs_semantics)
+            else:
+                raise ValueError(f"simulate_nir: node {name!r} of type {type(node).__name__} is not supported")
+            values[name] = out
+        outputs.append(values[out_name])
+    return torch.stack(outputs)
+
+
+def _if_step(node, p, inp, membranes, name, qcfs_semantics: bool) -> torch.Tensor:
+    theta, r = p["v_threshold"], p["r"]
+    if name not in membranes:
+        start = node.metadata.get("v_initial") if qcfs_semantics else None
+        v0 = torch.as_tensor(np.asarray(start), dtype=torch.float32) if start is not None else torch.zeros_like(theta)
+        membranes[name] = v0.expand_as(inp).clone()
+    v = membranes[name] + r * inp
+    spike = (v >= theta) if qcfs_semantics else (v > theta)
+    if qcfs_semantics:
+        v = v - spike * theta
+    else:
+        v = torch.where(spike, p["v_reset"].expand_as(v), v)
+    membranes[name] = v
+    return spike.float()

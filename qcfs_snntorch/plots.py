@@ -1,0 +1,92 @@
+"""PNG plots of evaluation results, from plain dicts (as stored in report.json).
+
+Figures are drawn on matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``),
+without pyplot: no global backend switch, no display needed, nothing left open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_accuracy_vs_timesteps", "plot_firing_rates", "plot_conversion_error"]
+
+
+def _by_t(points: Mapping) -> tuple[list[int], list[float]]:
+    # JSON turns int keys into strings: accept both.
+    items = sorted((int(t), float(v)) for t, v in points.items())
+    return [t for t, _ in items], [v for _, v in items]
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_accuracy_vs_timesteps(
+    snn: Mapping,
+    path: str | Path,
+    *,
+    ann: float | None = None,
+    finetuned: Mapping | None = None,
+    title: str = "SNN accuracy vs time steps",
+) -> Path:
+    """Accuracy against T (log₂ axis): ``snn`` and ``finetuned`` map T → accuracy (%), ``ann`` is a line."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ts, acc = _by_t(snn)
+    ax.plot(ts, acc, "o-", label="converted SNN")
+    if finetuned:
+        ft_ts, ft_acc = _by_t(finetuned)
+        ax.plot(ft_ts, ft_acc, "s--", label="fine-tuned SNN")
+        ts = sorted(set(ts) | set(ft_ts))
+    if ann is not None:
+        ax.axhline(float(ann), color="gray", linestyle=":", label=f"QCFS ANN ({float(ann):.2f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ts, [str(t) for t in ts])
+    ax.set_xlabel("time steps T")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_firing_rates(stats: Mapping, path: str | Path, *, title: str | None = None) -> Path:
+    """Bar chart of each neuron layer's firing rate from a :func:`~qcfs_snntorch.stats.spike_stats` result."""
+    names = [n["name"] for n in stats["neurons"]]
+    rates = [n["firing_rate"] for n in stats["neurons"]]
+    fig = Figure(figsize=(max(6, 0.35 * len(names) + 2), 4))
+    ax = fig.add_subplot()
+    ax.bar(range(len(names)), rates, color="tab:blue")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("spikes / neuron / step")
+    ax.set_title(title or f"Firing rate per layer (T = {stats['timesteps']})")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_conversion_error(errors: Mapping, path: str | Path, *, timesteps: int | None = None, title: str | None = None) -> Path:
+    """Relative conversion error per layer at one T (default: the smallest) from :func:`~qcfs_snntorch.stats.conversion_error`."""
+    all_t = list(errors["timesteps"])
+    t = min(all_t) if timesteps is None else int(timesteps)
+    if t not in all_t:
+        raise ValueError(f"T={t} is not among the evaluated time steps {all_t}")
+    k = all_t.index(t)
+    names = [row["name"] for row in errors["layers"]]
+    values = [100 * (row["relative"][k] or 0.0) for row in errors["layers"]]  # None (silent ANN layer) → 0
+    fig = Figure(figsize=(max(6, 0.35 * len(names) + 2), 4))
+    ax = fig.add_subplot()
+    ax.bar(range(len(names)), values, color="tab:red")
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("|ANN − SNN rate·θ| / mean ANN activation (%)")
+    ax.set_title(title or f"Conversion error per layer (T = {t})")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,283 @@
+"""Spike statistics, synaptic operations, an energy estimate and per-layer conversion error.
+
+Everything is returned as plain dicts and lists (JSON-serialisable) so it can go into a
+report as is; :func:`render` prints it as ``rich`` tables.
+
+Counting conventions (those of the ANN-SNN conversion literature):
+- firing rate: spikes per neuron per step. An IFNeuron outputs spike × θ, so a spike is
+  any nonzero output.
+- synaptic operations of a conv/linear layer, per sample: ``input rate × T × MACs``,
+  where MACs is the layer's multiply-accumulates for one step of one sample and the input
+  rate is the fraction of its input elements that are nonzero (a spike, or an average of
+  spikes after pooling). Layers fed by spikes perform accumulates (AC); a layer fed by the
+  analog input (the first conv under direct encoding) performs MACs.
+- energy: 4.6 pJ per MAC and 0.9 pJ per AC (45 nm, Horowitz 2014). An estimate for
+  comparing the SNN with the ANN (every layer's MACs once), not a measurement; neuron
+  updates and memory traffic are not counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .check import _LeafTracer
+from .neurons import MultiStepNeuron
+from .qcfs import QCFS
+
+__all__ = ["PJ_PER_MAC", "PJ_PER_AC", "spike_stats", "conversion_error", "stats_tables", "error_table", "render"]
+
+PJ_PER_MAC = 4.6
+PJ_PER_AC = 0.9
+_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@contextlib.contextmanager
+def _evaluating(*modules: nn.Module):
+    """Eval mode and no autograd for the duration; restores each module's mode after."""
+    modes = [(m, m.training) for mod in modules for m in mod.modules()]
+    try:
+        for mod in modules:
+            mod.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@contextlib.contextmanager
+def _hooks(pairs: Iterable[tuple[nn.Module, callable]]):
+    handles = [m.register_forward_hook(fn) for m, fn in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _analog_layers(net: nn.Module) -> set[str] | None:
+    """Names of weighted layers whose input does not depend on any neuron (None if untraceable)."""
+    try:
+        graph = _LeafTracer().trace(net)
+    except Exception:
+        return None
+    modules = dict(net.named_modules())
+    spiking: dict[torch.fx.Node, bool] = {}
+    analog = set()
+    for node in graph.nodes:
+        fed_by_spikes = any(spiking.get(a, False) for a in node.all_input_nodes)
+        module = modules.get(node.target) if node.op == "call_module" else None
+        spiking[node] = fed_by_spikes or isinstance(module, MultiStepNeuron)
+        if isinstance(module, _WEIGHTED) and not fed_by_spikes:
+            analog.add(node.target)
+    return analog
+
+
+def spike_stats(
+    snn: nn.Module,
+    x: torch.Tensor,
+    timesteps: int,
+    *,
+    pj_per_mac: float = PJ_PER_MAC,
+    pj_per_ac: float = PJ_PER_AC,
+) -> dict:
+    """Firing rates, synaptic operations and an energy estimate of ``snn`` on batch ``x`` over ``timesteps``.
+
+    Returns a dict (all numbers per sample, for the whole run of T steps unless named a rate)::
+
+        {"timesteps": T, "batch_size": B,
+         "neurons": [{"name", "neurons", "firing_rate", "spikes"}],        # rate: spikes/neuron/step
+         "layers":  [{"name", "type", "macs", "input_rate", "op", "ops", "energy_uj"}],
+                                       # macs: one step, one sample; op: "MAC" | "AC"; ops = input_rate·T·macs
+         "totals":  {"neurons", "spikes", "firing_rate", "snn_macs", "snn_acs", "snn_energy_uj",
+                     "ann_macs", "ann_energy_uj", "energy_ratio"},
+         "energy_model": {"pj_per_mac", "pj_per_ac", "note"}}
+    """
+    net = snn.net
+    names = {m: n for n, m in net.named_modules()}
+    analog = _analog_layers(net)
+    steps_and_batch = timesteps * x.shape[0]
+    neuron_counts: dict[str, list[float]] = {}  # name → [spikes, elements]
+    layer_counts: dict[str, list[float]] = {}  # name → [nonzero inputs, input elements, macs per item]
+    order: list[str | None] = []  # layers in execution order, None for a neuron: the untraceable fallback
+
+    def on_neuron(module, inputs, output):
+        order.append(None)
+        c = neuron_counts.setdefault(names[module], [0.0, 0.0])
+        c[0] += torch.count_nonzero(output).item()
+        c[1] += output.numel()
+
+    def on_layer(module, inputs, output):
+        name = names[module]
+        order.append(name)
+        c = layer_counts.setdefault(name, [0.0, 0.0, 0.0])
+        c[0] += torch.count_nonzero(inputs[0]).item()
+        c[1] += inputs[0].numel()
+        # MACs per output element = weight[0].numel() for conv (C_in/groups·kernel) and linear (in_features).
+        c[2] = output[0].numel() * module.weight[0].numel()
+
+    pairs = [(m, on_neuron) for m in net.modules() if isinstance(m, MultiStepNeuron)]
+    pairs += [(m, on_layer) for m in net.modules() if isinstance(m, _WEIGHTED)]
+    with _evaluating(snn), _hooks(pairs):
+        snn(x, timesteps=timesteps)
+    if analog is None:  # no trace: a layer that ran before any neuron can only see the input
+        analog = set(order[: order.index(None)] if None in order else order)
+
+    neurons = []
+    for name, (spikes, elements) in neuron_counts.items():
+        per_item = elements / steps_and_batch
+        rate = spikes / elements
+        neurons.append({"name": name, "neurons": int(per_item), "firing_rate": rate, "spikes": rate * per_item * timesteps})
+    layers = []
+    for name, (nonzero, elements, macs) in layer_counts.items():
+        module = net.get_submodule(name)
+        rate = nonzero / elements
+        op = "MAC" if name in analog else "AC"
+        ops = rate * timesteps * macs
+        energy = ops * (pj_per_mac if op == "MAC" else pj_per_ac) * 1e-6
+        layers.append({"name": name, "type": type(module).__name__, "macs": int(macs), "input_rate": rate, "op": op, "ops": ops, "energy_uj": energy})
+
+    total_neurons = sum(n["neurons"] for n in neurons)
+    total_spikes = sum(n["spikes"] for n in neurons)
+    snn_macs = sum(lay["ops"] for lay in layers if lay["op"] == "MAC")
+    snn_acs = sum(lay["ops"] for lay in layers if lay["op"] == "AC")
+    snn_energy = sum(lay["energy_uj"] for lay in layers)
+    ann_macs = sum(lay["macs"] for lay in layers)
+    ann_energy = ann_macs * pj_per_mac * 1e-6
+    return {
+        "timesteps": int(timesteps),
+        "batch_size": int(x.shape[0]),
+        "neurons": neurons,
+        "layers": layers,
+        "totals": {
+            "neurons": total_neurons,
+            "spikes": total_spikes,
+            "firing_rate": total_spikes / (total_neurons * timesteps) if total_neurons else 0.0,
+            "snn_macs": snn_macs,
+            "snn_acs": snn_acs,
+            "snn_energy_uj": snn_energy,
+            "ann_macs": ann_macs,
+            "ann_energy_uj": ann_energy,
+            "energy_ratio": snn_energy / ann_energy if ann_energy else None,
+        },
+        "energy_model": {
+            "pj_per_mac": pj_per_mac,
+            "pj_per_ac": pj_per_ac,
+            "note": "estimate (45 nm figures, Horowitz 2014): synaptic operations only, per sample over all steps",
+        },
+    }
+
+
+def conversion_error(ann: nn.Module, snn: nn.Module, x: torch.Tensor, timesteps: Iterable[int]) -> dict:
+    """Per-layer error between the ANN's QCFS outputs and the SNN's rate × θ, for each T.
+
+    Layer k of the SNN (its k-th neuron in module order) is compared with the ANN's k-th
+    QCFS: ``mae`` = mean |a_ANN − mean over T steps of the SNN output|, ``relative`` = mae
+    / mean(a_ANN). The SNN at T steps approximates QCFS with L = T, so some error remains
+    even where T equals the trained L in deep networks (arrival order of spikes); the
+    layer where ``relative`` jumps is the one losing accuracy at low T.
+
+    Returns::
+
+        {"timesteps": [T...], "batch_size": B,
+         "layers": [{"name", "neurons", "ann_mean", "mae": [per T], "relative": [per T]}],
+         "output": {"mae": [per T], "relative": [per T], "agreement": [per T]}}
+                    # output: logits vs the SNN's mean output; agreement: same argmax
+    """
+    timesteps = [int(t) for t in timesteps]
+    acts = [m for m in ann.modules() if isinstance(m, QCFS)]
+    names = {m: n for n, m in snn.net.named_modules()}
+    neurons = [m for m in snn.net.modules() if isinstance(m, MultiStepNeuron)]
+    if len(acts) != len(neurons):
+        raise ValueError(f"conversion_error: the ANN has {len(acts)} QCFS activations but the SNN has {len(neurons)} neurons")
+    batch = x.shape[0]
+    ann_out: dict[nn.Module, torch.Tensor] = {}
+    with _evaluating(ann), _hooks((m, lambda mod, i, o: ann_out.__setitem__(mod, o.float())) for m in acts):
+        logits = ann(x).float()
+
+    layers = [
+        {"name": names[n], "neurons": int(ann_out[a][0].numel()), "ann_mean": ann_out[a].mean().item(), "mae": [], "relative": []}
+        for a, n in zip(acts, neurons)
+    ]
+    output = {"mae": [], "relative": [], "agreement": []}
+    sums: dict[nn.Module, torch.Tensor] = {}  # per neuron: its output summed over the steps
+
+    def accumulate(module, inputs, out):
+        # Time is folded into dim 0: [steps·B, …] → sum over this call's steps (chunks add up).
+        step_sum = out.float().reshape(module.timesteps, batch, *out.shape[1:]).sum(0)
+        sums[module] = sums[module] + step_sum if module in sums else step_sum
+
+    for t in timesteps:
+        sums.clear()
+        with _evaluating(snn), _hooks((n, accumulate) for n in neurons):
+            snn_logits = snn(x, timesteps=t).float().mean(0)
+        for row, a, n in zip(layers, acts, neurons):
+            mae = (ann_out[a] - sums[n] / t).abs().mean().item()
+            row["mae"].append(mae)
+            row["relative"].append(mae / row["ann_mean"] if row["ann_mean"] > 0 else None)
+        mae = (logits - snn_logits).abs().mean().item()
+        scale = logits.abs().mean().item()
+        output["mae"].append(mae)
+        output["relative"].append(mae / scale if scale > 0 else None)
+        output["agreement"].append((logits.argmax(-1) == snn_logits.argmax(-1)).float().mean().item())
+    return {"timesteps": timesteps, "batch_size": int(batch), "layers": layers, "output": output}
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def stats_tables(stats: dict):
+    """``rich`` tables (neurons, layers, totals) for a :func:`spike_stats` result."""
+    from rich.table import Table
+
+    t = stats["timesteps"]
+    neurons = Table(title=f"Firing rates (T = {t})")
+    for col in ("layer", "neurons", "rate (spikes/neuron/step)", "spikes/sample"):
+        neurons.add_column(col, justify="left" if col == "layer" else "right")
+    for n in stats["neurons"]:
+        neurons.add_row(n["name"], str(n["neurons"]), _fmt(n["firing_rate"]), _fmt(n["spikes"]))
+
+    layers = Table(title=f"Synaptic operations per sample (T = {t})")
+    for col in ("layer", "type", "MACs/step", "input rate", "op", "ops", "energy µJ (est.)"):
+        layers.add_column(col, justify="left" if col in ("layer", "type", "op") else "right")
+    for lay in stats["layers"]:
+        layers.add_row(lay["name"], lay["type"], _fmt(lay["macs"]), _fmt(lay["input_rate"]), lay["op"], _fmt(lay["ops"]), _fmt(lay["energy_uj"]))
+
+    tot, em = stats["totals"], stats["energy_model"]
+    totals = Table(title="Totals per sample", caption=f"energy: estimate, {em['pj_per_mac']} pJ/MAC, {em['pj_per_ac']} pJ/AC")
+    totals.add_column("quantity")
+    totals.add_column("value", justify="right")
+    for key in ("neurons", "spikes", "firing_rate", "snn_macs", "snn_acs", "snn_energy_uj", "ann_macs", "ann_energy_uj", "energy_ratio"):
+        totals.add_row(key, _fmt(tot[key]))
+    return [neurons, layers, totals]
+
+
+def error_table(errors: dict):
+    """A ``rich`` table of :func:`conversion_error`: relative error per layer (rows) and T (columns)."""
+    from rich.table import Table
+
+    table = Table(title="Conversion error |ANN − SNN rate·θ| / mean ANN activation")
+    table.add_column("layer")
+    table.add_column("ANN mean", justify="right")
+    for t in errors["timesteps"]:
+        table.add_column(f"T={t}", justify="right")
+    for row in errors["layers"]:
+        table.add_row(row["name"], _fmt(row["ann_mean"]), *(_fmt(r, ".1%") if r is not None else "–" for r in row["relative"]))
+    out = errors["output"]
+    table.add_row("output (logits)", "", *(_fmt(r, ".1%") if r is not None else "–" for r in out["relative"]))
+    table.add_row("argmax agreement", "", *(_fmt(a, ".1%") for a in out["agreement"]))
+    return table
+
+
+def render(stats: dict | None = None, errors: dict | None = None, console=None) -> None:
+    """Print :func:`spike_stats` and/or :func:`conversion_error` results as ``rich`` tables."""
+    from rich.console import Console
+
+    console = console or Console()
+    for table in (stats_tables(stats) if stats else []) + ([error_table(errors)] if errors else []):
+        console.print(table)

@@ -1,0 +1,8 @@
+import os
+
+# Two shared cores: one intra-op thread per test process keeps timings sane (NOTES §5).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -1,0 +1,70 @@
+"""launch.py end to end, as a user runs it: a real subprocess, real data, real files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def launch(*args, cwd=ROOT, timeout=600):
+    return subprocess.run([sys.executable, "launch.py", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_quickstart_tiny_budget_writes_report(tmp_path):
+    run = tmp_path / "run"
+    result = launch("train.epochs=3", "finetune.epochs=1", "snn.timesteps=[1,2,4,8]", f"run_dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "complete"
+    assert report["recipe"] == "quickstart" and report["model"] == "test_resnet" and report["dataset"] == "digits"
+    assert report["levels"] == 4
+    assert 0.0 <= report["ann"]["top1"] <= 1.0
+    assert report["snn"]["timesteps"] == [1, 2, 4, 8]
+    assert len(report["snn"]["top1"]) == 4 and all(0 <= a <= 1 for a in report["snn"]["top1"])
+    ft = report["finetune"]
+    assert ft["timesteps"] == 2 and 0 <= ft["top1_before"] <= 1 and 0 <= ft["top1_after"] <= 1
+    assert set(report["stages"]) == {"train", "convert", "eval", "finetune"}
+    assert all(s["seconds"] >= 0 for s in report["stages"].values())
+    for name in ("ann.safetensors", "snn.safetensors", "config.yaml", "log.txt"):
+        assert (run / name).is_file(), name
+
+    # a later stage starts from the checkpoint the first run wrote
+    run2 = tmp_path / "run2"
+    result = launch("stages=[convert,eval]", f"model.checkpoint={run / 'ann.safetensors'}", "snn.timesteps=[8]", f"run_dir={run2}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report2 = json.loads((run2 / "report.json").read_text())
+    assert report2["ann"]["top1"] == pytest.approx(report["ann"]["top1"])
+    assert report2["snn"]["top1"][0] == pytest.approx(report["snn"]["top1"][3])
+    assert "train" not in report2["stages"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["model.nmae=resnet18"], "unknown config key 'model.nmae'"),
+        (["recipe=does_not_exist"], "valid recipes:"),
+        (["model.name=resnet181"], "closest timm names: resnet18"),
+        (["model.levels=0"], "model.levels must be > 0"),
+        (["stages=[convert,eval]", "model.checkpoint=/nonexistent/ann.safetensors"], "does not exist"),
+        (["model.name=seresnet18"], "layer1.0.se.gate"),
+        (["data.name=imagefolder", "data.root=/nonexistent/cifar"], "does not exist"),
+    ],
+)
+def test_bad_input_fails_fast_with_a_clear_message(tmp_path, args, message):
+    result = launch(*args, f"output_dir={tmp_path}", timeout=120)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir()), "no run directory may be left behind"
+
+
+def test_help_lists_recipes_and_stages():
+    result = launch("--help", timeout=60)
+    assert result.returncode == 0
+    assert "quickstart" in result.stdout and "finetune" in result.stdout

@@ -1,0 +1,80 @@
+"""QCFS values and gradients against the formulas of the paper (NOTES §1)."""
+
+import pytest
+import torch
+
+from qcfs_snntorch import QCFS
+from qcfs_snntorch.qcfs import qcfs
+
+
+def reference(z, lam, levels, shift=0.5):
+    return lam * torch.clamp(torch.floor(z * levels / lam + shift) / levels, 0, 1)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("lam", [0.5, 1.0, 8.0])
+def test_values_match_formula(levels, lam):
+    z = torch.linspace(-2 * lam, 2 * lam, 4001, dtype=torch.float64)
+    act = QCFS(levels=levels, threshold=lam).double()
+    torch.testing.assert_close(act(z), reference(z, torch.tensor(lam, dtype=torch.float64), levels), rtol=0, atol=0)
+
+
+def test_output_levels_and_range():
+    act = QCFS(levels=4, threshold=2.0)
+    out = act(torch.randn(10000) * 3)
+    assert set(out.unique().tolist()) <= {0.0, 0.5, 1.0, 1.5, 2.0}
+
+
+def test_gradient_wrt_input_is_straight_through_inside_range():
+    lam, levels = 2.0, 4
+    z = torch.tensor([-1.0, -0.1, 0.1, 0.7, 1.3, 1.9, 2.1, 5.0], requires_grad=True)
+    QCFS(levels, lam)(z).sum().backward()
+    expected = ((z > 0) & (z < lam)).float()
+    torch.testing.assert_close(z.grad, expected)
+
+
+def test_gradient_wrt_threshold():
+    lam, levels = 2.0, 4
+    z = torch.tensor([-1.0, 0.1, 0.7, 1.3, 1.9, 2.0, 3.0])
+    act = QCFS(levels, lam)
+    act(z).sum().backward()
+    q = torch.clamp(torch.floor(z * levels / lam + 0.5) / levels, 0, 1)
+    inside = (z > 0) & (z < lam)
+    expected = torch.where(inside, q - z / lam, (z >= lam).float()).sum()
+    torch.testing.assert_close(act.threshold.grad, expected)
+
+
+def test_gradient_matches_autograd_of_straight_through_formula():
+    """Same gradients as autograd through the literal formula with floor → identity inside (0, λ)."""
+    torch.manual_seed(0)
+    z = (torch.rand(500, dtype=torch.float64) * 3 - 0.5).requires_grad_()
+    lam = torch.tensor(2.0, dtype=torch.float64, requires_grad=True)
+    levels = 4
+    upstream = torch.randn(500, dtype=torch.float64)
+    (qcfs(z, lam, levels) * upstream).sum().backward()
+    g_z, g_lam = z.grad.clone(), lam.grad.clone()
+
+    z2, lam2 = z.detach().clone().requires_grad_(), lam.detach().clone().requires_grad_()
+    scaled = z2 * levels / lam2 + 0.5
+    floored = scaled + (torch.floor(scaled) - scaled).detach()  # straight-through floor
+    q = floored / levels
+    inside = (z2 > 0) & (z2 < lam2)
+    out = torch.where(inside, lam2 * q, torch.where(z2 >= lam2, lam2, torch.zeros_like(z2)))
+    (out * upstream).sum().backward()
+    torch.testing.assert_close(g_z, z2.grad)
+    torch.testing.assert_close(g_lam, lam2.grad)
+
+
+def test_accepts_inplace_for_timm_and_rejects_bad_levels():
+    QCFS(inplace=True)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="levels"):
+            QCFS(levels=bad)
+
+
+def test_bf16_autocast_input():
+    act = QCFS(levels=4, threshold=2.0)
+    z = torch.linspace(-1, 3, 101).bfloat16()
+    out = act(z)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference(z.float(), torch.tensor(2.0), 4), atol=0.02, rtol=0)
