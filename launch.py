@@ -20,26 +20,29 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 
 import qcfs_snntorch as qs
+from qcfs_snntorch import plots
 from qcfs_snntorch.checkpoint import CheckpointError, atomic_write_text, load_weights, save_weights
 from qcfs_snntorch.config import STAGES, ConfigError, list_recipes, load_config, to_yaml
 from qcfs_snntorch.data import DataError, build_datasets
 from qcfs_snntorch.evaluate import evaluate_ann, evaluate_snn
+from qcfs_snntorch.export import export_nir
 from qcfs_snntorch.finetune import TimeAveraged
 from qcfs_snntorch.report import RunLog, accuracy_table, write_report
+from qcfs_snntorch.stats import conversion_error, error_table, spike_stats, stats_tables
 from qcfs_snntorch.train import TrainingDiverged, fit, make_accelerator
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, qs.UnknownModelError, qs.ConversionError, TrainingDiverged)
 
 
-def choose_run_dir(cfg, accelerator: Accelerator) -> Path:
+def choose_run_dir(cfg, state: PartialState) -> Path:
     """Picked once on the main process and shared, so every rank writes to the same place."""
     chosen = [None]
-    if accelerator.is_main_process:
+    if state.is_main_process:
         if cfg.run_dir:
             path = Path(cfg.run_dir)
             if path.exists() and any(path.iterdir()) and not cfg.resume:
@@ -59,11 +62,11 @@ def choose_run_dir(cfg, accelerator: Accelerator) -> Path:
 
 def main(argv: list[str]) -> dict:
     cfg = load_config(argv)
-    accelerator = make_accelerator(cfg.mixed_precision)
+    state = PartialState()
     set_seed(cfg.seed)
 
-    # Build everything that can fail on bad input before any work is done.
-    with accelerator.main_process_first():
+    # Everything that can fail on bad input fails here, before any work or any file.
+    with state.main_process_first():
         train_set, eval_set, info = build_datasets(cfg.data, seed=cfg.seed)
     ann = qs.create_model(
         cfg.model.name,
@@ -77,22 +80,28 @@ def main(argv: list[str]) -> dict:
     )
     if cfg.model.checkpoint:
         load_weights(ann, cfg.model.checkpoint)
-    if set(cfg.stages) & {"convert", "eval", "finetune", "export"}:
-        report_check = qs.check(ann)
-        if not report_check.convertible:
-            raise qs.ConversionError(report_check)
+    spiking_stages = {"convert", "eval", "finetune", "export"} & set(cfg.stages)
+    if spiking_stages:
+        verdict = qs.check(ann)
+        if not verdict.convertible:
+            raise qs.ConversionError(verdict)
 
-    run_dir = choose_run_dir(cfg, accelerator)
+    run_dir = choose_run_dir(cfg, state)
+    accelerator = make_accelerator(cfg.mixed_precision, log_with=cfg.log_with, project_dir=run_dir)
     main_process = accelerator.is_main_process
     log = RunLog(run_dir, enabled=main_process)
     if main_process:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+    if cfg.log_with:
+        accelerator.init_trackers("tracking", config={"recipe": cfg.recipe, "model": cfg.model.name, "levels": cfg.model.levels})
     log(f"run directory: {run_dir}  ({accelerator.num_processes} process(es), {accelerator.device}, mixed_precision={cfg.mixed_precision})")
-    log(f"model {cfg.model.name}: replaced {ann.qcfs_surgery}; dataset {info.name}: {len(train_set)} train / {len(eval_set)} eval")
+    log(f"model {cfg.model.name}: replaced {ann.qcfs_surgery}")
+    log(f"dataset {info.name}: {len(train_set)} train / {len(eval_set)} eval images")
 
     loader_args = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
     train_loader = DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, **loader_args)
     eval_loader = accelerator.prepare(DataLoader(eval_set, batch_size=cfg.data.eval_batch_size, **loader_args))
+    sample = torch.stack([eval_set[i][0] for i in range(min(cfg.snn.stats_samples, len(eval_set)))]).to(accelerator.device)
 
     report = {
         "recipe": cfg.recipe,
@@ -100,6 +109,7 @@ def main(argv: list[str]) -> dict:
         "dataset": info.name,
         "levels": cfg.model.levels,
         "run_dir": str(run_dir),
+        "status": "running",
         "stages": {},
         "environment": {
             "python": platform.python_version(),
@@ -116,15 +126,18 @@ def main(argv: list[str]) -> dict:
         if main_process:
             write_report(run_dir / "report.json", report)
 
-    # --- check ---------------------------------------------------------------------------
+    def thresholds(model) -> dict:
+        return {"thresholds": [round(m.threshold.item(), 4) for m in model.modules() if isinstance(m, qs.QCFS)]}
+
+    # --- check ----------------------------------------------------------------------------
     if "check" in cfg.stages:
         started = time.perf_counter()
-        result = qs.check(ann)
-        log(result.summary())
-        report["check"] = {"convertible": result.convertible, "problems": [str(p) for p in result.problems]}
+        verdict = qs.check(ann)
+        log(verdict.summary())
+        report["check"] = {"convertible": verdict.convertible, "problems": [str(p) for p in verdict.problems]}
         finish_stage("check", started)
 
-    # --- train the QCFS ANN ---------------------------------------------------------------
+    # --- train the QCFS ANN -----------------------------------------------------------------
     if "train" in cfg.stages:
         started = time.perf_counter()
         history = fit(
@@ -134,51 +147,61 @@ def main(argv: list[str]) -> dict:
             accelerator=accelerator,
             checkpoint_dir=run_dir / "checkpoints" / "ann",
             evaluate=lambda m: evaluate_ann(m, eval_loader, accelerator),
+            metrics=thresholds,
             resume=cfg.resume,
             log=log,
             label="ANN",
         )
-        ann = ann.to(accelerator.device)
-        report["ann"] = {"top1": history[-1]["eval_top1"] if history else evaluate_ann(ann, eval_loader, accelerator), "history": history}
+        report["ann"] = {"top1": history[-1]["eval_top1"] if history else None, "history": history}
         if main_process:
             save_weights(ann, run_dir / "ann.safetensors", {"model": cfg.model.name, "levels": cfg.model.levels})
         finish_stage("train", started)
     ann = ann.to(accelerator.device).eval()
-    report["ann"] = report.get("ann") or {"top1": evaluate_ann(ann, eval_loader, accelerator)}
-    report["ann"]["thresholds"] = [round(m.threshold.item(), 4) for m in ann.modules() if isinstance(m, qs.QCFS)]
+    if report.get("ann", {}).get("top1") is None:
+        report["ann"] = {**report.get("ann", {}), "top1": evaluate_ann(ann, eval_loader, accelerator)}
+    report["ann"].update(thresholds(ann))
 
-    # --- convert to an SNN -----------------------------------------------------------------
-    snn = None
-    if set(cfg.stages) & {"convert", "eval", "finetune", "export"}:
-        started = time.perf_counter()
-        snn = qs.convert(
-            ann,
-            fold_bn=cfg.snn.fold_bn,
-            learn_threshold=cfg.finetune.learn_threshold,
-            surrogate=cfg.finetune.surrogate,
-            surrogate_width=cfg.finetune.surrogate_width,
-            chunk_size=cfg.snn.chunk_size,
-        ).to(accelerator.device)
-        report["convert"] = {"neurons": len(snn.neurons()), "fold_bn": cfg.snn.fold_bn}
-        finish_stage("convert", started)
+    if not spiking_stages:
+        return finish(report, run_dir, accelerator, log)
 
-    # --- accuracy at every T -----------------------------------------------------------------
+    # --- convert to an SNN --------------------------------------------------------------------
+    started = time.perf_counter()
+    snn = qs.convert(
+        ann,
+        fold_bn=cfg.snn.fold_bn,
+        learn_threshold=cfg.finetune.learn_threshold,
+        surrogate=cfg.finetune.surrogate,
+        surrogate_width=cfg.finetune.surrogate_width,
+        chunk_size=cfg.snn.chunk_size,
+    ).to(accelerator.device)
+    report["convert"] = {"neurons": len(snn.neurons()), "fold_bn": cfg.snn.fold_bn}
+    finish_stage("convert", started)
+
+    # --- accuracy at every T, spike statistics, per-layer error ---------------------------------
     if "eval" in cfg.stages:
         started = time.perf_counter()
         top1 = evaluate_snn(snn, eval_loader, cfg.snn.timesteps, accelerator)
         report["snn"] = {"timesteps": list(cfg.snn.timesteps), "top1": top1}
+        if main_process:
+            report["spikes"] = spike_stats(snn, sample, cfg.snn.stats_timesteps)
+            report["conversion_error"] = conversion_error(ann, snn, sample, cfg.snn.timesteps)
+            for table in stats_tables(report["spikes"]):
+                log.table(table)
+            log.table(error_table(report["conversion_error"]))
+            plots.plot_firing_rates(report["spikes"], run_dir / "firing_rates.png")
+            plots.plot_conversion_error(report["conversion_error"], run_dir / "conversion_error.png")
+            accelerator.log({f"snn/firing_rate/{n['name']}": n["firing_rate"] for n in report["spikes"]["neurons"]})
         finish_stage("eval", started)
         log.table(accuracy_table(report))
 
-    # --- hybrid fine-tuning of the SNN ---------------------------------------------------------
+    # --- hybrid fine-tuning of the SNN ------------------------------------------------------------
     if "finetune" in cfg.stages:
         started = time.perf_counter()
         steps = cfg.finetune.timesteps
         before = evaluate_snn(snn, eval_loader, [steps], accelerator)[0]
         log(f"[SNN] top-1 at T={steps} before fine-tuning: {before:.4f}")
-        trainable = TimeAveraged(snn, steps, bn=cfg.finetune.bn)
         history = fit(
-            trainable,
+            TimeAveraged(snn, steps, bn=cfg.finetune.bn),
             train_loader,
             cfg=cfg.finetune,
             accelerator=accelerator,
@@ -203,8 +226,30 @@ def main(argv: list[str]) -> dict:
         log(f"[SNN] top-1 at T={steps}: {before:.4f} before, {report['finetune']['top1_after']:.4f} after fine-tuning")
         log.table(accuracy_table(report))
 
+    if main_process and "snn" in report:
+        plots.plot_accuracy_vs_timesteps(
+            {t: 100 * a for t, a in zip(report["snn"]["timesteps"], report["snn"]["top1"])},
+            run_dir / "accuracy_vs_timesteps.png",
+            ann=100 * report["ann"]["top1"],
+            finetuned={t: 100 * a for t, a in zip(*report["finetune"]["snn_after"].values())} if "finetune" in report else None,
+            title=f"{cfg.model.name} on {info.name}",
+        )
+
+    # --- NIR export of the final SNN -------------------------------------------------------------
+    if "export" in cfg.stages:
+        started = time.perf_counter()
+        if main_process:
+            export_nir(snn, run_dir / "snn.nir", sample[:1])
+        report["export"] = {"nir": str(run_dir / "snn.nir")}
+        finish_stage("export", started)
+        log(f"NIR graph: {run_dir / 'snn.nir'} (deviations from the model: docs/NIR.md)")
+
+    return finish(report, run_dir, accelerator, log)
+
+
+def finish(report: dict, run_dir: Path, accelerator, log) -> dict:
     report["status"] = "complete"
-    if main_process:
+    if accelerator.is_main_process:
         write_report(run_dir / "report.json", report)
     log(f"report: {run_dir / 'report.json'}")
     accelerator.end_training()

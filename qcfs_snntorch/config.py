@@ -79,6 +79,8 @@ class SNNConfig:
     timesteps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     chunk_size: Optional[int] = 16  # steps per folded forward at evaluation (memory)
     fold_bn: bool = False
+    stats_timesteps: int = 8  # T of the spike/energy statistics
+    stats_samples: int = 64  # eval images used for statistics and per-layer conversion error
 
 @dataclass
 class FinetuneConfig(OptimConfig):
@@ -100,6 +102,7 @@ class RunConfig:
     run_dir: Optional[str] = None  # default: <output_dir>/<recipe>-<timestamp>
     resume: bool = False  # continue the run in run_dir from its last checkpoint
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 is a no-op on CPU)
+    log_with: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard]
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -200,6 +203,10 @@ def validate(cfg: RunConfig) -> None:
     for t in cfg.snn.timesteps:
         _positive(t, "snn.timesteps[]")
     _positive(cfg.snn.chunk_size, "snn.chunk_size")
+    _positive(cfg.snn.stats_timesteps, "snn.stats_timesteps")
+    _positive(cfg.snn.stats_samples, "snn.stats_samples")
+    for tracker in cfg.log_with:
+        _choice(tracker, ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"), "log_with[]")
     _positive(cfg.finetune.timesteps, "finetune.timesteps")
     _positive(cfg.finetune.surrogate_width, "finetune.surrogate_width")
     for name, opt in (("train", cfg.train), ("finetune", cfg.finetune)):

@@ -18,7 +18,8 @@ class RunLog:
     """Messages to the console and ``log.txt``, from the main process only."""
 
     def __init__(self, run_dir: Path | None, enabled: bool = True):
-        self.console = Console(highlight=False)
+        # Wide enough for the per-T tables even when stdout is not a terminal (rich's default is 80).
+        self.console = Console(highlight=False, width=None if Console().is_terminal else 120)
         self.path = (run_dir / "log.txt") if (run_dir and enabled) else None
         self.enabled = enabled
 
@@ -44,24 +45,25 @@ def write_report(path: Path, report: dict) -> None:
 
 
 def accuracy_table(report: dict) -> Table:
-    """ANN vs SNN top-1 at every T (and after fine-tuning, where it ran)."""
+    """SNN top-1 at every T and its gap to the ANN, before and (where it ran) after fine-tuning."""
     snn = report.get("snn", {})
     after = report.get("finetune", {}).get("snn_after", {})
-    table = Table(title=f"{report.get('model')} on {report.get('dataset')}: top-1 (%)")
-    table.add_column("T", justify="right")
-    table.add_column("SNN", justify="right")
-    if after:
-        table.add_column(f"SNN fine-tuned at T={report['finetune']['timesteps']}", justify="right")
-    table.add_column("gap to ANN", justify="right")
     ann = report.get("ann", {}).get("top1")
+    table = Table(title=f"{report.get('model')} on {report.get('dataset')}: top-1 (%)")
+    columns = ["T", "SNN", "gap"] + (["fine-tuned", "gap"] if after else [])
+    for name in columns:
+        table.add_column(name, justify="right")
     after_by_t = dict(zip(after.get("timesteps", []), after.get("top1", [])))
+
+    def cells(acc):
+        if acc is None:
+            return ["", ""]
+        return [f"{100 * acc:.2f}", f"{100 * (ann - acc):+.2f}" if ann is not None else ""]
+
     for t, acc in zip(snn.get("timesteps", []), snn.get("top1", [])):
-        best = max(acc, after_by_t.get(t, acc))
-        row = [str(t), f"{100 * acc:.2f}"]
-        if after:
-            row.append(f"{100 * after_by_t[t]:.2f}" if t in after_by_t else "")
-        row.append(f"{100 * (ann - best):+.2f}" if ann is not None else "")
-        table.add_row(*row)
+        table.add_row(str(t), *cells(acc), *(cells(after_by_t.get(t)) if after else []))
     if ann is not None:
-        table.caption = f"ANN (QCFS, L={report.get('levels')}): {100 * ann:.2f}%"
+        table.caption = f"ANN (QCFS, L={report.get('levels')}): {100 * ann:.2f}%; gap = ANN − SNN"
+        if after:
+            table.caption += f"; fine-tuned at T={report['finetune']['timesteps']}"
     return table

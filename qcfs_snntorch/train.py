@@ -28,10 +28,12 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; no checkpoint was written for the bad step."""
 
 
-def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", log_with: list[str] | None = None, project_dir=None) -> Accelerator:
     """The Accelerator for a run: DDP without buffer broadcasts, seedable data order."""
     return Accelerator(
         mixed_precision=mixed_precision,
+        log_with=log_with or None,
+        project_dir=project_dir,
         # Neuron membranes are per-rank state, never to be copied from rank 0; BN statistics
         # are averaged at each epoch's end instead (sync_batchnorm_stats).
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
@@ -51,6 +53,17 @@ def sync_batchnorm_stats(model: nn.Module, accelerator: Accelerator) -> None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
             for buf in (module.running_mean, module.running_var):
                 buf.copy_(accelerator.reduce(buf.detach().clone(), reduction="mean"))
+
+
+def _scalars(summary: dict, label: str) -> dict:
+    """Flatten an epoch summary for trackers: lists become one scalar per index."""
+    out = {}
+    for key, value in summary.items():
+        if isinstance(value, (list, tuple)):
+            out.update({f"{label}/{key}/{i}": v for i, v in enumerate(value)})
+        elif key != "epoch":
+            out[f"{label}/{key}"] = value
+    return out
 
 
 def _latest_checkpoint(directory: Path) -> tuple[Path, dict] | None:
@@ -90,6 +103,7 @@ def fit(
     accelerator: Accelerator,
     checkpoint_dir: str | Path,
     evaluate: Callable[[nn.Module], float] | None = None,
+    metrics: Callable[[nn.Module], dict] | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
     label: str = "train",
@@ -190,7 +204,10 @@ def fit(
         }
         if evaluate is not None:
             summary["eval_top1"] = evaluate(accelerator.unwrap_model(model))
+        if metrics is not None:
+            summary.update(metrics(accelerator.unwrap_model(model)))
         history.append(summary)
+        accelerator.log(_scalars(summary, label), step=epoch + 1)
         log(
             f"[{label}] epoch {epoch + 1}/{cfg.epochs}: loss {summary['loss']:.4f}, train top-1 {summary['train_top1']:.4f}"
             + (f", eval top-1 {summary['eval_top1']:.4f}" if "eval_top1" in summary else "")

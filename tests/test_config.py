@@ -9,7 +9,7 @@ def test_default_recipe_is_quickstart_on_digits():
     cfg = load_config([])
     assert isinstance(cfg, RunConfig)
     assert cfg.recipe == "quickstart" and cfg.data.name == "digits"
-    assert cfg.stages == ["train", "convert", "eval", "finetune"]
+    assert cfg.stages == ["train", "convert", "eval", "finetune", "export"]
 
 
 @pytest.mark.parametrize("recipe", list_recipes())
@@ -47,3 +47,15 @@ def test_overrides_are_typed():
 def test_bad_input_is_named_with_valid_choices(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(overrides)
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_every_recipe_builds_a_convertible_model(recipe):
+    import qcfs_snntorch as qs
+
+    cfg = load_config([f"recipe={recipe}"])
+    classes = {"cifar100": 100, "imagenet": 1000}.get(cfg.data.name, 10)
+    model = qs.create_model(cfg.model.name, num_classes=classes, levels=cfg.model.levels,
+                            cifar_stem=cfg.model.cifar_stem, **({"in_chans": 1} if cfg.data.name == "digits" else {}))
+    report = qs.check(model)
+    assert report.convertible, report.summary()
