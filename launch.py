@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -26,17 +27,19 @@ from torch.utils.data import DataLoader
 
 import qcfs_snntorch as qs
 from qcfs_snntorch import plots
-from qcfs_snntorch.checkpoint import CheckpointError, atomic_write_text, load_weights, save_weights
+from qcfs_snntorch.checkpoint import CheckpointError, atomic_write_text, check_resume, load_weights, previous_report, save_weights
 from qcfs_snntorch.config import STAGES, ConfigError, list_recipes, load_config, to_yaml
 from qcfs_snntorch.data import DataError, build_datasets
 from qcfs_snntorch.evaluate import evaluate_ann, evaluate_snn
-from qcfs_snntorch.export import export_nir
+from qcfs_snntorch.export import ExportError, export_nir
 from qcfs_snntorch.finetune import TimeAveraged
 from qcfs_snntorch.report import RunLog, accuracy_table, write_report
 from qcfs_snntorch.stats import conversion_error, error_table, spike_stats, stats_tables
-from qcfs_snntorch.train import TrainingDiverged, fit, make_accelerator
+from qcfs_snntorch.train import TrainingDiverged, TrainingOutOfMemory, fit, make_accelerator
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, qs.UnknownModelError, qs.ConversionError, TrainingDiverged)
+USER_ERRORS = (
+    ConfigError, DataError, CheckpointError, qs.UnknownModelError, qs.ConversionError, TrainingDiverged, TrainingOutOfMemory,
+)
 
 
 def choose_run_dir(cfg, state: PartialState) -> Path:
@@ -47,6 +50,8 @@ def choose_run_dir(cfg, state: PartialState) -> Path:
             path = Path(cfg.run_dir)
             if path.exists() and any(path.iterdir()) and not cfg.resume:
                 raise ConfigError(f"run_dir {str(path)!r} already holds a run; add resume=true to continue it, or choose a new run_dir")
+            if cfg.resume:
+                check_resume(path, cfg)  # before config.yaml is rewritten: same model, schema-valid config
         else:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
             path = Path(cfg.output_dir) / f"{cfg.recipe}-{stamp}"
@@ -85,8 +90,13 @@ def main(argv: list[str]) -> dict:
         verdict = qs.check(ann)
         if not verdict.convertible:
             raise qs.ConversionError(verdict)
+    if "export" in cfg.stages:  # exportability depends on the architecture only: find out now, not after training
+        with tempfile.TemporaryDirectory() as scratch:
+            export_nir(qs.convert(ann), Path(scratch) / "probe.nir", eval_set[0][0].unsqueeze(0))
 
     run_dir = choose_run_dir(cfg, state)
+    # Resuming: stages the report already records as complete are reused, not run again.
+    done = previous_report(run_dir) if cfg.resume else {}
     accelerator = make_accelerator(cfg.mixed_precision, log_with=cfg.log_with, project_dir=run_dir)
     main_process = accelerator.is_main_process
     log = RunLog(run_dir, enabled=main_process)
@@ -138,7 +148,13 @@ def main(argv: list[str]) -> dict:
         finish_stage("check", started)
 
     # --- train the QCFS ANN -----------------------------------------------------------------
-    if "train" in cfg.stages:
+    ann_done = len(done.get("ann", {}).get("history", [])) == cfg.train.epochs and (run_dir / "ann.safetensors").is_file()
+    ann_reused = "train" in cfg.stages and "train" in done.get("stages", {}) and ann_done
+    if ann_reused:
+        load_weights(ann, run_dir / "ann.safetensors")
+        report["ann"], report["stages"]["train"] = done["ann"], done["stages"]["train"]
+        log(f"[ANN] training was complete: reusing {run_dir / 'ann.safetensors'}")
+    elif "train" in cfg.stages:
         started = time.perf_counter()
         history = fit(
             ann,
@@ -178,7 +194,13 @@ def main(argv: list[str]) -> dict:
     finish_stage("convert", started)
 
     # --- accuracy at every T, spike statistics, per-layer error ---------------------------------
-    if "eval" in cfg.stages:
+    same_ann = ann_reused or ("train" not in cfg.stages and "train" not in done.get("stages", {}))  # not retrained here
+    if "eval" in cfg.stages and "eval" in done.get("stages", {}) and same_ann and done.get("snn", {}).get("timesteps") == list(cfg.snn.timesteps):
+        report.update({k: done[k] for k in ("snn", "spikes", "conversion_error") if k in done})
+        report["stages"]["eval"] = done["stages"]["eval"]
+        log("[SNN] evaluation was complete: reusing its results")
+        log.table(accuracy_table(report))
+    elif "eval" in cfg.stages:
         started = time.perf_counter()
         top1 = evaluate_snn(snn, eval_loader, cfg.snn.timesteps, accelerator)
         report["snn"] = {"timesteps": list(cfg.snn.timesteps), "top1": top1}
@@ -195,11 +217,17 @@ def main(argv: list[str]) -> dict:
         log.table(accuracy_table(report))
 
     # --- hybrid fine-tuning of the SNN ------------------------------------------------------------
-    if "finetune" in cfg.stages:
+    snn_done = len(done.get("finetune", {}).get("history", [])) == cfg.finetune.epochs and (run_dir / "snn.safetensors").is_file()
+    if "finetune" in cfg.stages and "finetune" in done.get("stages", {}) and snn_done and same_ann:
+        load_weights(snn, run_dir / "snn.safetensors")
+        report["finetune"], report["stages"]["finetune"] = done["finetune"], done["stages"]["finetune"]
+        log(f"[SNN] fine-tuning was complete: reusing {run_dir / 'snn.safetensors'}")
+    elif "finetune" in cfg.stages:
         started = time.perf_counter()
         steps = cfg.finetune.timesteps
         before = evaluate_snn(snn, eval_loader, [steps], accelerator)[0]
         log(f"[SNN] top-1 at T={steps} before fine-tuning: {before:.4f}")
+        set_seed(cfg.seed)  # the same RNG stream whether or not the ANN was trained in this process (resume)
         history = fit(
             TimeAveraged(snn, steps, bn=cfg.finetune.bn),
             train_loader,
@@ -275,3 +303,14 @@ if __name__ == "__main__":
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError:  # outside training (fit translates its own): evaluation, statistics, export
+        if os.environ.get("QCFS_SNNTORCH_TRACEBACK"):
+            raise
+        print("error: out of accelerator memory outside training (evaluation, spike statistics or export): lower "
+              "data.eval_batch_size, snn.chunk_size or snn.stats_samples; add resume=true to keep the stages already done",
+              file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: checkpoints already written are complete; rerun the same command with run_dir=<the run "
+              "directory> resume=true to continue", file=sys.stderr)
+        sys.exit(130)

@@ -57,7 +57,7 @@ def extract_archive(archive: Path) -> Path:
     Extraction goes to a temporary sibling first and is renamed into place, so a killed
     extraction is never mistaken for a complete one.
     """
-    cache_root = Path(os.environ.get("QCFS_SNNTORCH_CACHE", Path(tempfile.gettempdir()) / "qcfs_snntorch"))
+    cache_root = Path(os.environ.get("QCFS_SNNTORCH_CACHE", Path(tempfile.gettempdir()) / "qcfs_snntorch_data"))
     stat = archive.stat()
     key = hashlib.sha1(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_root / f"{archive.name.split('.')[0]}-{key}"

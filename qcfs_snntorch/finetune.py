@@ -1,29 +1,72 @@
-"""Hybrid fine-tuning: train the converted SNN through T steps with surrogate gradients."""
+"""Hybrid fine-tuning: train the converted SNN through T steps with surrogate gradients.
+
+The training loop (:func:`qcfs_snntorch.train.fit`) sees a classifier; the wrappers here
+make an SNN one. Options, all from the recipe's ``finetune.*``:
+
+- loss on the mean output over T (``loss="mean"``) or on every step's output (``"tet"``,
+  temporal efficient training, Deng et al., ICLR 2022), which keeps early steps useful;
+- a fixed T, or a T drawn per batch from a set (``timesteps_choices``) so one model serves
+  several latencies;
+- BatchNorm frozen at the ANN's statistics, or normalising time-folded batches.
+"""
 
 from __future__ import annotations
 
+import random
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .spiking import SpikingModel
 
-__all__ = ["TimeAveraged"]
+__all__ = ["TimeAveraged", "tet_loss"]
+
+
+def tet_loss(outputs: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean over steps of the cross-entropy of each step's output ``[T, B, C]``."""
+    steps = outputs.shape[0]
+    return F.cross_entropy(outputs.flatten(0, 1).float(), labels.repeat(steps), label_smoothing=label_smoothing)
 
 
 class TimeAveraged(nn.Module):
-    """An SNN as a classifier for the training loop: ``forward(x)`` = mean output over T steps.
+    """An SNN as a classifier: ``forward(x)`` runs T steps and returns the mean output.
 
-    With ``bn="frozen"`` BatchNorm layers stay in eval mode (their running statistics,
-    computed on the ANN, keep describing the inputs the SNN's rates approximate); with
-    ``bn="train"`` they normalise with statistics over the time-folded batch.
+    Args:
+        snn: the converted network (trained in place).
+        timesteps: T of every forward pass, unless ``timesteps_choices`` is given.
+        bn: ``"frozen"`` keeps BatchNorm in eval mode (the ANN's statistics keep describing
+            what the rates approximate); ``"train"`` normalises with statistics over the
+            time-folded batch.
+        per_step: in training mode return the per-step outputs ``[T, B, C]`` (for
+            :func:`tet_loss`); evaluation always returns the mean.
+        timesteps_choices: draw T uniformly from these for every training batch.
+        seed: seeds the draw, so that every rank of a DDP run draws the same T.
     """
 
-    def __init__(self, snn: SpikingModel, timesteps: int, bn: str = "frozen"):
+    def __init__(
+        self,
+        snn: SpikingModel,
+        timesteps: int,
+        bn: str = "frozen",
+        *,
+        per_step: bool = False,
+        timesteps_choices: list[int] | None = None,
+        seed: int = 0,
+    ):
         super().__init__()
-        self.snn, self.timesteps, self.bn = snn, timesteps, bn
+        if bn not in ("frozen", "train"):
+            raise ValueError(f"bn must be 'frozen' or 'train', got {bn!r}")
+        self.snn, self.timesteps, self.bn, self.per_step = snn, timesteps, bn, per_step
+        self.timesteps_choices = list(timesteps_choices or [])
+        self._draw = random.Random(seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.snn(x, timesteps=self.timesteps).mean(0)
+        steps = self.timesteps
+        if self.training and self.timesteps_choices:
+            steps = self._draw.choice(self.timesteps_choices)
+        outputs = self.snn(x, timesteps=steps)
+        return outputs if (self.training and self.per_step) else outputs.mean(0)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -29,9 +29,12 @@ def test_quickstart_tiny_budget_writes_report(tmp_path):
     assert len(report["snn"]["top1"]) == 4 and all(0 <= a <= 1 for a in report["snn"]["top1"])
     ft = report["finetune"]
     assert ft["timesteps"] == 2 and 0 <= ft["top1_before"] <= 1 and 0 <= ft["top1_after"] <= 1
-    assert set(report["stages"]) == {"train", "convert", "eval", "finetune"}
+    assert set(report["stages"]) == {"train", "convert", "eval", "finetune", "export"}
     assert all(s["seconds"] >= 0 for s in report["stages"].values())
-    for name in ("ann.safetensors", "snn.safetensors", "config.yaml", "log.txt"):
+    assert report["spikes"]["totals"]["snn_energy_uj"] > 0 and report["spikes"]["energy_model"]["pj_per_ac"] == 0.9
+    assert len(report["conversion_error"]["layers"]) == report["convert"]["neurons"]
+    for name in ("ann.safetensors", "snn.safetensors", "config.yaml", "log.txt", "snn.nir",
+                 "accuracy_vs_timesteps.png", "firing_rates.png", "conversion_error.png"):
         assert (run / name).is_file(), name
 
     # a later stage starts from the checkpoint the first run wrote

@@ -9,10 +9,12 @@ import nir
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from qcfs_snntorch import QCFS, convert, create_model
-from qcfs_snntorch.export import export_nir, simulate_nir
+from qcfs_snntorch import QCFS, IFNeuron, SpikingModel, convert, create_model
+from qcfs_snntorch.calibrate import calibrate_from_data
+from qcfs_snntorch.export import ExportError, export_nir, simulate_nir
 
 
 class SmallResNet(nn.Module):
@@ -171,15 +173,22 @@ class _CatNet(nn.Module):
 
 
 def test_refuses_what_nir_cannot_express(tmp_path):
+    """Every refusal is an ExportError (a ValueError) with a one-line message and no file written."""
+    assert issubclass(ExportError, ValueError)
     x = torch.rand(1, 3, 8, 8)
     maxpool_snn = _MaxPoolNet().eval()
     maxpool_snn.act = convert(nn.Sequential(QCFS())).net[0]
-    with pytest.raises(ValueError, match="'pool'.*MaxPool2d"):
-        export_nir(maxpool_snn, tmp_path / "a.nir", x)
-    with pytest.raises(ValueError, match="cat"):
-        export_nir(convert(_CatNet().eval()), tmp_path / "b.nir", x)
-    with pytest.raises(ValueError, match="'act'.*QCFS"):
-        export_nir(_CatNet().eval(), tmp_path / "c.nir", x)
+    cases = [
+        (maxpool_snn, x, "'pool'.*MaxPool2d"),
+        (convert(_CatNet().eval()), x, "cat"),
+        (_CatNet().eval(), x, "'act'.*QCFS"),
+        (convert(_CatNet().eval()), torch.rand(1, 5, 8, 8), r"sample input of shape \(1, 5, 8, 8\)"),  # wrong channels
+    ]
+    for i, (net, sample, pattern) in enumerate(cases):
+        with pytest.raises(ExportError, match=pattern) as info:
+            export_nir(net, tmp_path / f"{i}.nir", sample)
+        assert str(info.value).startswith("export_nir: ") and "\n" not in str(info.value)
+        assert not (tmp_path / f"{i}.nir").exists()
 
 
 def test_snntorch_importer_documented_behaviour(tmp_path):
@@ -207,8 +216,6 @@ def test_snntorch_importer_documented_behaviour(tmp_path):
 
 def test_per_channel_thresholds_and_padded_pool(tmp_path):
     """Per-channel θ (a Scale after the IF) and a padded average pool (SumPool2d + Scale) stay exact."""
-    from qcfs_snntorch import IFNeuron, SpikingModel
-
     torch.manual_seed(0)
     theta = torch.tensor([0.3, 0.7, 1.1, 0.5]).view(4, 1, 1)
     net = nn.Sequential(
@@ -229,5 +236,86 @@ def test_refuses_timm_same_padding_pool(tmp_path):
     from timm.layers.pool2d_same import AvgPool2dSame
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), QCFS(), AvgPool2dSame(3, 2))
-    with pytest.raises(ValueError, match="AvgPool2dSame"):
+    with pytest.raises(ExportError, match="AvgPool2dSame"):
         export_nir(convert(net.eval()), tmp_path / "same.nir", torch.rand(1, 3, 9, 9))
+
+
+@pytest.mark.parametrize(
+    "size, pool",
+    [
+        ((5, 5), nn.AvgPool2d(2, ceil_mode=True, count_include_pad=False)),  # timm's avg_down at an odd size
+        ((7, 6), nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=True)),  # overhang in W only
+        ((6, 7), nn.AvgPool2d((3, 2), stride=(2, 3), padding=(1, 0), ceil_mode=True, count_include_pad=False)),
+        ((6, 6), nn.AvgPool2d(3, stride=2, ceil_mode=True, divisor_override=4)),
+    ],
+)
+def test_ceil_mode_average_pooling(size, pool, tmp_path):
+    """ceil_mode's extra bottom/right window: a Conv2d summing each window (padding + overhang on
+    both sides, leading zero taps) and a Scale holding 1 / torch's divisor per position."""
+    floor = F.avg_pool2d(torch.zeros(1, 1, *size), pool.kernel_size, pool.stride, pool.padding).shape[-2:]
+    ceil = pool(torch.zeros(1, 1, *size)).shape[-2:]
+    assert ceil != floor  # the case export_nir used to refuse
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), IFNeuron(0.6),
+        nn.Conv2d(4, 4, 3, padding=1, groups=4), IFNeuron(0.4),  # depthwise: written dense, so nir.read types it
+        pool, nn.Flatten(), nn.Linear(4 * ceil.numel(), 3),
+    ).eval()
+    with torch.no_grad():  # default init leaves the second IF silent, which would test nothing
+        net[0].weight.uniform_(-0.05, 0.15)
+        net[2].weight.uniform_(0.0, 0.3)
+    spikes = []
+    net[3].register_forward_hook(lambda module, args, out: spikes.append(out.detach()))
+    snn, x = SpikingModel(net), torch.rand(2, 3, *size)
+    export_nir(snn, tmp_path / "ceil.nir", x)
+    graph = nir.read(tmp_path / "ceil.nir")
+    types = Counter(type(n).__name__ for n in graph.nodes.values())
+    assert types["Conv2d"] == 3 and types["Scale"] == 1 and types["AvgPool2d"] == types["SumPool2d"] == 0
+    (summed,) = [n for n in graph.nodes.values() if isinstance(n, nir.Conv2d) and n.metadata["source_module"] == "4"]
+    assert tuple(summed.output_type["output"]) == (4, *ceil)
+    assert summed.weight.shape[2] == summed.weight.shape[3]  # square: nir 1.0.8 sizes outputs by the kernel height
+    spikes.clear()
+    expected = snn(x, timesteps=6)
+    rates = torch.cat(spikes).mean((0, 1))  # per position of the map being pooled
+    assert 0.05 < rates.mean() < 0.95 and rates[-1].min() > 0 and rates[:, -1].min() > 0  # the last row and column: what the overhanging windows see
+    torch.testing.assert_close(simulate_nir(graph, x, 6), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_chans, size", [(1, 8), (3, 32)])
+def test_calibrated_test_resnet_round_trips(in_chans, size, tmp_path):
+    """The default recipe's network: timm test_resnet, calibrated, on 8×8 digits (where the
+    downsample pools of layer3/layer4 are ceil_mode on a 1×1 map) and on 32×32 RGB."""
+    torch.manual_seed(0)
+    model = create_model("test_resnet", num_classes=10, in_chans=in_chans)
+    calibrate_from_data(model, [torch.randn(32, in_chans, size, size)])
+    snn = convert(model)
+    export_nir(snn, tmp_path / "resnet.nir", torch.zeros(1, in_chans, size, size))
+    graph = nir.read(tmp_path / "resnet.nir")
+    as_conv = {n for n in ("layer2_0_downsample_0", "layer3_0_downsample_0", "layer4_0_downsample_0") if isinstance(graph.nodes[n], nir.Conv2d)}
+    assert as_conv == ({"layer3_0_downsample_0", "layer4_0_downsample_0"} if size == 8 else set())
+    x = torch.randn(4, in_chans, size, size)
+    for steps in range(4, 9):
+        expected = snn(x, timesteps=steps)
+        assert expected.std() > 0
+        torch.testing.assert_close(simulate_nir(graph, x, steps), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_and_non_square_convs_read_back(tmp_path):
+    """nir 1.0.8 types a Conv2d by weight.shape[1] (ignoring groups) and by the kernel height alone:
+    grouped weights are written block-diagonal and non-square kernels square, so nir.read accepts them."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, (1, 3), stride=(2, 1), padding=(0, 1)), IFNeuron(0.5),
+        nn.Conv2d(6, 6, (3, 1), padding=(1, 0), groups=3), IFNeuron(0.3),
+        nn.Flatten(), nn.Linear(6 * 4 * 7, 3),
+    ).eval()
+    snn, x = SpikingModel(net), torch.rand(2, 3, 8, 7)
+    export_nir(snn, tmp_path / "g.nir", x)
+    graph = nir.read(tmp_path / "g.nir")
+    convs = [n for n in graph.nodes.values() if isinstance(n, nir.Conv2d)]
+    assert [n.weight.shape for n in convs] == [(6, 3, 3, 3), (6, 6, 3, 3)] and all(int(n.groups) == 1 for n in convs)
+    torch.testing.assert_close(simulate_nir(graph, x, 6), snn(x, timesteps=6), atol=1e-5, rtol=1e-5)
+    # Stride 1 with kernel sides of different parity: no square kernel keeps the windows and the size.
+    odd_even = SpikingModel(nn.Sequential(nn.Conv2d(3, 4, (3, 2)), IFNeuron(0.5)).eval())
+    with pytest.raises(ExportError, match="no symmetrically padded NIR Conv2d"):
+        export_nir(odd_even, tmp_path / "h.nir", x)
