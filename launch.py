@@ -12,6 +12,7 @@ the main process chooses the run directory and writes every file.
 
 from __future__ import annotations
 
+import itertools
 import os
 import platform
 import sys
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader
 
 import qcfs_snntorch as qs
 from qcfs_snntorch import plots
+from qcfs_snntorch.calibrate import calibrate_from_data
 from qcfs_snntorch.checkpoint import CheckpointError, atomic_write_text, check_resume, load_weights, previous_report, save_weights
 from qcfs_snntorch.config import STAGES, ConfigError, list_recipes, load_config, to_yaml
 from qcfs_snntorch.data import DataError, build_datasets
@@ -111,6 +113,13 @@ def main(argv: list[str]) -> dict:
     loader_args = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
     train_loader = DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, **loader_args)
     eval_loader = accelerator.prepare(DataLoader(eval_set, batch_size=cfg.data.eval_batch_size, **loader_args))
+    if cfg.model.threshold_init == "data" and not cfg.resume:
+        # λ from the inputs each QCFS sees (a high percentile), so training starts with every
+        # level in use; BN statistics too unless they come from trained weights.
+        batches = [images for images, _ in itertools.islice(iter(DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True)), 8)]
+        calibrate_from_data(ann, batches, percentile=cfg.model.threshold_percentile,
+                            update_bn=not (cfg.model.checkpoint or cfg.model.pretrained))
+        log(f"λ initialised from data: {[round(m.threshold.item(), 3) for m in ann.modules() if isinstance(m, qs.QCFS)]}")
     sample = torch.stack([eval_set[i][0] for i in range(min(cfg.snn.stats_samples, len(eval_set)))]).to(accelerator.device)
 
     report = {

@@ -34,7 +34,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     name: str = "test_resnet"  # any timm model name
     levels: int = 4  # QCFS quantization levels L
-    threshold: float = 8.0  # initial λ of every QCFS
+    threshold: float = 8.0  # initial λ of every QCFS (with threshold_init=fixed)
+    threshold_init: str = "fixed"  # fixed | data: λ = a percentile of each layer's inputs on a few batches
+    threshold_percentile: float = 99.9
     activations: list[str] = field(default_factory=lambda: ["relu"])  # groups replaced by QCFS
     cifar_stem: bool = False  # 3×3 stride-1 stem, no stem pooling (ResNet family)
     pretrained: bool = False  # timm weights (needs the hub, or HF_HUB_OFFLINE with a cache)
@@ -198,6 +200,9 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg.finetune.bn, ("frozen", "train"), "finetune.bn")
     _positive(cfg.model.levels, "model.levels")
     _positive(cfg.model.threshold, "model.threshold")
+    _choice(cfg.model.threshold_init, ("fixed", "data"), "model.threshold_init")
+    if not 0 < cfg.model.threshold_percentile <= 100:
+        raise ConfigError(f"model.threshold_percentile must be in (0, 100], got {cfg.model.threshold_percentile!r}")
     if not cfg.snn.timesteps:
         raise ConfigError("snn.timesteps is empty; give a list of positive step counts, e.g. [1,2,4,8]")
     for t in cfg.snn.timesteps:
