@@ -216,7 +216,7 @@ def validate(cfg: RunConfig) -> None:
     _positive(cfg.finetune.surrogate_width, "finetune.surrogate_width")
     for name, opt in (("train", cfg.train), ("finetune", cfg.finetune)):
         _positive(opt.epochs, f"{name}.epochs", allow_zero=True)
-        _positive(opt.lr, f"{name}.lr")
+        _positive(opt.lr, f"{name}.lr", allow_zero=True)
         _positive(opt.grad_accum_steps, f"{name}.grad_accum_steps")
         _positive(opt.max_steps_per_epoch, f"{name}.max_steps_per_epoch")
         _positive(opt.weight_decay, f"{name}.weight_decay", allow_zero=True)

@@ -1,0 +1,74 @@
+"""Hybrid fine-tuning on a small real task: it helps at low T, and frozen it changes nothing."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import qcfs_snntorch as qs
+from qcfs_snntorch.config import DataConfig, FinetuneConfig, TrainConfig
+from qcfs_snntorch.data import build_datasets
+from qcfs_snntorch.evaluate import evaluate_snn
+from qcfs_snntorch.finetune import TimeAveraged, tet_loss
+from qcfs_snntorch.train import fit, make_accelerator
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A QCFS test_resnet trained briefly on digits (λ starts at 8, as in the paper)."""
+    torch.manual_seed(0)
+    train, test, _ = build_datasets(DataConfig(name="digits"))
+    accelerator = make_accelerator()
+    ann = qs.create_model("test_resnet", num_classes=10, in_chans=1, threshold=8.0)
+    loader = DataLoader(train, batch_size=32, shuffle=True, drop_last=True)
+    fit(ann, loader, cfg=TrainConfig(epochs=12, lr=0.05), accelerator=accelerator,
+        checkpoint_dir=tmp_path_factory.mktemp("ann"), log=lambda m: None)
+    return ann.eval(), loader, DataLoader(test, batch_size=360), accelerator, tmp_path_factory
+
+
+def finetune(ann, loader, test_loader, accelerator, tmp, **cfg):
+    snn = qs.convert(ann)
+    before = evaluate_snn(snn, test_loader, [2, 8], accelerator)
+    fit(TimeAveraged(snn, 2, bn=cfg.pop("bn", "frozen")), loader, cfg=FinetuneConfig(**cfg), accelerator=accelerator,
+        checkpoint_dir=tmp.mktemp("snn"), log=lambda m: None)
+    return snn, before, evaluate_snn(snn, test_loader, [2, 8], accelerator)
+
+
+def test_finetuning_improves_accuracy_at_T2(trained):
+    ann, loader, test_loader, accelerator, tmp = trained
+    _, before, after = finetune(ann, loader, test_loader, accelerator, tmp, epochs=2, lr=0.005)
+    assert after[0] > before[0] + 0.05, (before, after)
+
+
+def test_frozen_finetuning_changes_nothing(trained):
+    ann, loader, test_loader, accelerator, tmp = trained
+    reference = copy.deepcopy(qs.convert(ann).state_dict())
+    snn, before, after = finetune(ann, loader, test_loader, accelerator, tmp, epochs=1, lr=0.0, weight_decay=0.0)
+    assert after == before
+    for key, value in snn.state_dict().items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0, msg=key)
+
+
+def test_bn_train_mode_does_change_statistics(trained):
+    """The counterpart of the test above: with bn=train the running statistics move."""
+    ann, loader, test_loader, accelerator, tmp = trained
+    reference = qs.convert(ann).state_dict()
+    snn, _, _ = finetune(ann, loader, test_loader, accelerator, tmp, epochs=1, lr=0.0, weight_decay=0.0, bn="train")
+    changed = [k for k, v in snn.state_dict().items() if "running_mean" in k and not torch.equal(v, reference[k])]
+    assert changed
+
+
+def test_tet_loss_is_mean_of_per_step_losses():
+    outputs = torch.randn(3, 4, 5)
+    labels = torch.tensor([0, 1, 2, 3])
+    expected = torch.stack([torch.nn.functional.cross_entropy(o, labels) for o in outputs]).mean()
+    torch.testing.assert_close(tet_loss(outputs, labels), expected)
+
+
+def test_random_timesteps_are_drawn_from_the_choices():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), qs.QCFS(4, 1.0))
+    model = TimeAveraged(qs.convert(net), 2, timesteps_choices=[1, 3], per_step=True, seed=0).train()
+    seen = {model(torch.randn(2, 3)).shape[0] for _ in range(20)}
+    assert seen == {1, 3}
+    assert model.eval()(torch.randn(2, 3)).shape == (2, 4)
