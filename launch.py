@@ -37,10 +37,11 @@ from qcfs_snntorch.export import ExportError, export_nir
 from qcfs_snntorch.finetune import TimeAveraged
 from qcfs_snntorch.report import RunLog, accuracy_table, write_report
 from qcfs_snntorch.stats import conversion_error, error_table, spike_stats, stats_tables
-from qcfs_snntorch.train import TrainingDiverged, TrainingOutOfMemory, fit, make_accelerator
+from qcfs_snntorch.train import TrainingDiverged, TrainingOutOfMemory, fit, latest_checkpoint, make_accelerator
 
 USER_ERRORS = (
-    ConfigError, DataError, CheckpointError, qs.UnknownModelError, qs.ConversionError, TrainingDiverged, TrainingOutOfMemory,
+    ConfigError, DataError, CheckpointError, qs.UnknownModelError, qs.ConversionError, ExportError, TrainingDiverged,
+    TrainingOutOfMemory,
 )
 
 
@@ -113,7 +114,9 @@ def main(argv: list[str]) -> dict:
     loader_args = dict(num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
     train_loader = DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, **loader_args)
     eval_loader = accelerator.prepare(DataLoader(eval_set, batch_size=cfg.data.eval_batch_size, **loader_args))
-    if cfg.model.threshold_init == "data" and not cfg.resume:
+    # A resumed run whose ANN comes back from run_dir needs no calibration; one killed before its first checkpoint does.
+    ann_from_run_dir = cfg.resume and ((run_dir / "ann.safetensors").is_file() or latest_checkpoint(run_dir / "checkpoints" / "ann"))
+    if cfg.model.threshold_init == "data" and not ann_from_run_dir:
         # λ from the inputs each QCFS sees (a high percentile), so training starts with every
         # level in use; BN statistics too unless they come from trained weights.
         batches = [images for images, _ in itertools.islice(iter(DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True)), 8)]

@@ -71,6 +71,7 @@ class OptimConfig:
     grad_accum_steps: int = 1
     max_grad_norm: Optional[float] = None
     max_steps_per_epoch: Optional[int] = None  # cap, for smoke tests
+    checkpoint_every_steps: Optional[int] = None  # also checkpoint every N optimizer updates (mid-epoch resume)
 
 @dataclass
 class TrainConfig(OptimConfig):
@@ -219,6 +220,7 @@ def validate(cfg: RunConfig) -> None:
         _positive(opt.lr, f"{name}.lr", allow_zero=True)
         _positive(opt.grad_accum_steps, f"{name}.grad_accum_steps")
         _positive(opt.max_steps_per_epoch, f"{name}.max_steps_per_epoch")
+        _positive(opt.checkpoint_every_steps, f"{name}.checkpoint_every_steps")
         _positive(opt.weight_decay, f"{name}.weight_decay", allow_zero=True)
     for key in ("batch_size", "eval_batch_size", "train_subset", "eval_subset"):
         _positive(getattr(cfg.data, key), f"data.{key}")

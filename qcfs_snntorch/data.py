@@ -181,7 +181,11 @@ def build_datasets(cfg, seed: int = 0) -> tuple[Dataset, Dataset, DatasetInfo]:
                 train = datasets.ImageFolder(train_dir, transform=tf_train)
                 test = datasets.ImageFolder(test_dir, transform=tf_eval)
             except (FileNotFoundError, RuntimeError) as exc:
-                raise DataError(f"could not read images under {str(root)!r}: {exc}") from None
+                raise DataError(
+                    f"could not read images under {str(root)!r} ({str(exc).splitlines()[0]}). Expected an ImageFolder "
+                    f"tree: {root}/train/<class>/<image> and {root}/val/<class>/<image> (or test/), e.g. the CIFAR-10 "
+                    "JPEG copy ../shared/data/cifar10-jpeg.tar.gz (data.root may point at the .tar.gz itself)"
+                ) from None
             if train.classes != test.classes:
                 raise DataError(f"class folders differ between {train_dir} and {test_dir}")
             classes = tuple(train.classes)
