@@ -18,7 +18,7 @@ def launch(*args, cwd=ROOT, timeout=600):
 
 def test_quickstart_tiny_budget_writes_report(tmp_path):
     run = tmp_path / "run"
-    result = launch("train.epochs=3", "finetune.epochs=1", "snn.timesteps=[1,2,4,8]", f"run_dir={run}")
+    result = launch("train.epochs=3", "finetune.epochs=1", "snn.timesteps=[1,2,4,8]", f"run_dir={run}", "log_with=[tensorboard]")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run / "report.json").read_text())
     assert report["status"] == "complete"
@@ -36,6 +36,8 @@ def test_quickstart_tiny_budget_writes_report(tmp_path):
     for name in ("ann.safetensors", "snn.safetensors", "config.yaml", "log.txt", "snn.nir",
                  "accuracy_vs_timesteps.png", "firing_rates.png", "conversion_error.png"):
         assert (run / name).is_file(), name
+
+    assert list(run.glob("tracking/events.out.tfevents.*")), "TensorBoard events missing"
 
     # a later stage starts from the checkpoint the first run wrote
     run2 = tmp_path / "run2"
