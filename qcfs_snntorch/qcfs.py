@@ -27,22 +27,29 @@ class _QCFSFunction(torch.autograd.Function):
     def forward(ctx, z, threshold, levels: int, shift: float):
         ctx.save_for_backward(z, threshold)
         ctx.levels, ctx.shift = levels, shift
-        q = torch.floor(z * (levels / threshold) + shift).clamp_(0, levels).div_(levels)
-        return q.mul_(threshold)
+        return _levels_of(z, threshold, levels, shift).mul_(threshold / levels)
 
     @staticmethod
     def backward(ctx, grad_out):
         z, threshold = ctx.saved_tensors
         levels, shift = ctx.levels, ctx.shift
-        inside = (z > 0) & (z < threshold)
-        grad_z = grad_t = None
-        if ctx.needs_input_grad[0]:
-            grad_z = grad_out * inside
+        grad_z = grad_out * ((z > 0) & (z < threshold))
+        grad_t = None
         if ctx.needs_input_grad[1]:
-            q = torch.floor(z * (levels / threshold) + shift).clamp_(0, levels).div_(levels)
-            d_threshold = torch.where(inside, q - z / threshold, (z >= threshold).to(z.dtype))
-            grad_t = (grad_out * d_threshold).sum_to_size(threshold.shape)
-        return grad_z, grad_t, None, None
+            q = _levels_of(z, threshold, levels, shift).div_(levels)
+            # Σ g·∂a/∂λ = Σ g·q − Σ_inside g·z/λ: q is 1 above the range and 0 below it, so
+            # the three cases of ∂a/∂λ collapse into two reductions and no extra tensor.
+            if threshold.numel() == 1:
+                grad_t = torch.dot(grad_out.reshape(-1), q.reshape(-1)) - torch.dot(grad_z.reshape(-1), z.reshape(-1)) / threshold
+                grad_t = grad_t.reshape(threshold.shape)
+            else:
+                grad_t = (grad_out * q - grad_z * z / threshold).sum_to_size(threshold.shape)
+        return (grad_z if ctx.needs_input_grad[0] else None), grad_t, None, None
+
+
+def _levels_of(z: torch.Tensor, threshold: torch.Tensor, levels: int, shift: float) -> torch.Tensor:
+    """clip(floor(z·L/λ + φ), 0, L), computed in one new tensor."""
+    return torch.mul(z, levels / threshold).add_(shift).floor_().clamp_(0, levels)
 
 
 def qcfs(z: torch.Tensor, threshold: torch.Tensor, levels: int, shift: float = 0.5) -> torch.Tensor:

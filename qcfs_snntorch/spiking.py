@@ -6,18 +6,115 @@ Two ways in:
   reset the state first and return the per-step outputs ``[T, B, …]``.
 - streaming: ``snn.reset()`` then ``snn.step(x_t)`` per step, one output per call.
 
-Internally a call folds time into the batch (see :mod:`qcfs_snntorch.neurons.base`),
-``chunk_size`` steps at a time so memory does not grow with T.
+Internally a call folds time into the batch (see :mod:`qcfs_snntorch.neurons.base`):
+stateless layers run once on ``[T·B, …]`` and each neuron loops over T. ``chunk_size``
+steps at a time, so memory does not grow with T.
+
+Static input: whatever the network computes from the input before any neuron (the stem
+conv + BN) is the same at every step, so it runs once on ``[B, …]`` and is broadcast over
+T (once for all chunks). The network is split with torch.fx into that *head* and the
+*rest*; a value the rest needs from the head (the first neuron's input, a branch that
+bypasses the neurons) is repeated T times. Per sample the head computes exactly what
+every step would. Networks that do not trace, whose head output is not batch-first, or
+whose head holds BatchNorm/dropout in training mode (batch statistics, random masks)
+run fully folded instead.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.fx
 from torch import nn
 
+from .check import _LeafTracer
 from .neurons import MultiStepNeuron
 
 __all__ = ["SpikingModel"]
+
+
+def _repeat(x: torch.Tensor, steps: int) -> torch.Tensor:
+    """``[B, …]`` → ``[steps·B, …]``: the same input at every step, time-major (memory layout kept)."""
+    return torch.cat([x] * steps) if steps > 1 else x
+
+
+def _fetch(root: nn.Module, target: str):
+    return functools.reduce(getattr, target.split("."), root)
+
+
+def _batch_dependent(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Would running this node on ``[B]`` instead of ``[T·B]`` change it (batch statistics, randomness)?"""
+    if node.op == "call_module":
+        m = modules[node.target]
+        return m.training and (isinstance(m, nn.modules.batchnorm._BatchNorm) or "drop" in type(m).__name__.lower())
+    if node.op in ("call_function", "call_method"):
+        name = getattr(node.target, "__name__", str(node.target)).lower()
+        return any(word in name for word in ("dropout", "rand", "bernoulli", "normal"))
+    return False
+
+
+class _StaticSplit:
+    """``net`` as ``head`` (input → values that need no neuron) and ``rest`` (those values → output)."""
+
+    def __init__(self, net: nn.Module, head: torch.fx.Graph, rest: torch.fx.Graph):
+        self.head, self.rest = torch.fx.GraphModule(net, head), torch.fx.GraphModule(net, rest)
+        self.usable = True  # cleared when the head's outputs turn out not to be batch-first
+        # GraphModule copies the tensors that get_attr nodes read: note them, to notice
+        # when `.to()` or a load has replaced them in the network.
+        self.attrs = [(n.target, _fetch(net, n.target)) for gm in (self.head, self.rest) for n in gm.graph.nodes if n.op == "get_attr"]
+
+    def current(self, net: nn.Module) -> bool:
+        return all(_fetch(net, target) is value for target, value in self.attrs)
+
+    @classmethod
+    def build(cls, net: nn.Module) -> _StaticSplit | None:
+        try:
+            graph = _LeafTracer().trace(net)
+        except Exception:  # data-dependent control flow etc.: run folded
+            return None
+        modules = dict(net.named_modules())
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(inputs) != 1:
+            return None
+        static: set[torch.fx.Node] = set()  # computed from the input, no neuron upstream
+        varying: set[torch.fx.Node] = set()  # downstream of a neuron
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                static.add(node)
+            elif node.op == "output":
+                continue
+            elif any(a in varying for a in node.all_input_nodes) or (
+                node.op == "call_module" and isinstance(modules[node.target], MultiStepNeuron)
+            ):
+                varying.add(node)
+            elif any(a in static for a in node.all_input_nodes):
+                static.add(node)  # else: a constant (parameters, …), copied where used
+        if any(_batch_dependent(n, modules) for n in static):
+            return None
+        # Head outputs: static values that a varying node or the network's output uses.
+        boundary = [n for n in graph.nodes if n in static and any(u not in static for u in n.users)]
+        if boundary == inputs:  # a neuron sees the raw input first: nothing to save
+            return None
+
+        head, rest = torch.fx.Graph(), torch.fx.Graph()
+        env_head: dict[torch.fx.Node, torch.fx.Node] = {}
+        env_rest = {n: rest.placeholder(f"static_{i}") for i, n in enumerate(boundary)}
+        constants = set()  # copies of constants (parameters read by get_attr, …), in both graphs
+        for node in graph.nodes:
+            if node.op == "output":
+                head.output(tuple(env_head[n] for n in boundary))
+                rest.output(torch.fx.map_arg(node.args[0], env_rest.__getitem__))
+                continue
+            if node in static or node not in varying:
+                env_head[node] = head.node_copy(node, env_head.__getitem__)
+            if node not in static:
+                env_rest[node] = rest.node_copy(node, env_rest.__getitem__)
+            if node not in static and node not in varying:
+                constants.update((env_head[node], env_rest[node]))
+        for g in (head, rest):  # remove the copies of constants a graph does not use, nothing else
+            g.eliminate_dead_code(is_impure_node=lambda n: n not in constants)
+        return cls(net, head, rest)
 
 
 class SpikingModel(nn.Module):
@@ -26,12 +123,18 @@ class SpikingModel(nn.Module):
     Args:
         net: the network; its neurons are found by walking ``net.modules()``.
         chunk_size: most steps folded into one forward (``None``: all at once).
+        static_head: for static input, compute the layers before the first neurons once
+            per call instead of once per step (same outputs; ``False`` runs fully folded).
     """
 
-    def __init__(self, net: nn.Module, chunk_size: int | None = None):
+    def __init__(self, net: nn.Module, chunk_size: int | None = None, static_head: bool = True):
         super().__init__()
         self.net = net
         self.chunk_size = chunk_size
+        self.static_head = static_head
+        # Split cache, keyed by every module's identity and train flag: tracing bakes in
+        # `self.training` branches and module references, so either change means retracing.
+        self._split_cache: tuple[tuple, _StaticSplit | None] | None = None
         if not self.neurons():
             raise ValueError("SpikingModel: the network contains no spiking neuron")
 
@@ -43,15 +146,41 @@ class SpikingModel(nn.Module):
         for neuron in self.neurons():
             neuron.reset_state()
 
-    def _run(self, folded: torch.Tensor, steps: int) -> torch.Tensor:
+    def _split(self) -> _StaticSplit | None:
+        key = tuple((id(m), m.training) for m in self.net.modules())
+        cache = self._split_cache
+        if cache is None or cache[0] != key or (cache[1] is not None and not cache[1].current(self.net)):
+            self._split_cache = (key, _StaticSplit.build(self.net))
+        return self._split_cache[1]
+
+    def _run(self, module: nn.Module, folded: list[torch.Tensor], steps: int) -> torch.Tensor:
         for neuron in self.neurons():
             neuron.timesteps = steps
-        out = self.net(folded)
+        out = module(*folded)
         return out.reshape(steps, out.shape[0] // steps, *out.shape[1:])
+
+    def _chunks(self, x: torch.Tensor, total: int, static: bool):
+        """Per-step outputs ``[steps, B, …]``, one chunk at a time, from a freshly reset state."""
+        chunk = self.chunk_size or total
+        split = self._split() if static and self.static_head and total > 1 else None
+        feats = None
+        if split is not None and split.usable:
+            feats = split.head(x)
+            if not all(isinstance(f, torch.Tensor) and f.dim() > 0 and f.shape[0] == x.shape[0] for f in feats):
+                split.usable, feats = False, None  # e.g. the head reads x.shape: not batch-first, run folded
+        self.reset()
+        for start in range(0, total, chunk):
+            steps = min(chunk, total - start)
+            if feats is not None:
+                yield self._run(split.rest, [_repeat(f, steps) for f in feats], steps)
+            elif static:
+                yield self._run(self.net, [_repeat(x, steps)], steps)
+            else:
+                yield self._run(self.net, [x[start : start + steps].flatten(0, 1)], steps)
 
     def step(self, x_t: torch.Tensor) -> torch.Tensor:
         """Advance one time step with input ``x_t`` ``[B, …]``; state persists between calls."""
-        return self._run(x_t, 1)[0]
+        return self._run(self.net, [x_t], 1)[0]
 
     def forward(self, x: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
         """Per-step outputs ``[T, B, …]``; the prediction after t steps is their mean over the first t."""
@@ -59,16 +188,7 @@ class SpikingModel(nn.Module):
         total = int(timesteps) if static else x.shape[0]
         if total <= 0:
             raise ValueError(f"timesteps must be a positive integer, got {timesteps!r}")
-        chunk = self.chunk_size or total
-        self.reset()
-        outputs = []
-        for start in range(0, total, chunk):
-            steps = min(chunk, total - start)
-            if static:
-                folded = x.unsqueeze(0).expand(steps, *x.shape).reshape(steps * x.shape[0], *x.shape[1:])
-            else:
-                folded = x[start : start + steps].reshape(steps * x.shape[1], *x.shape[2:])
-            outputs.append(self._run(folded, steps))
+        outputs = list(self._chunks(x, total, static))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     @torch.no_grad()
@@ -78,21 +198,16 @@ class SpikingModel(nn.Module):
         Returns ``[len(timesteps), B]`` (argmax of the mean output over the first T steps).
         """
         total = max(timesteps)
-        chunk = self.chunk_size or total
-        self.reset()
-        wanted = sorted(set(timesteps))
         found: dict[int, torch.Tensor] = {}
         running = None
         done = 0
-        while done < total:
-            steps = min(chunk, total - done)
-            folded = x.unsqueeze(0).expand(steps, *x.shape).reshape(steps * x.shape[0], *x.shape[1:])
-            partial = self._run(folded, steps).float().cumsum(0)
+        for out in self._chunks(x, total, static=True):
+            partial = out.float().cumsum(0)
             if running is not None:
                 partial += running
-            for t in wanted:
-                if done < t <= done + steps:
+            for t in set(timesteps):
+                if done < t <= done + out.shape[0]:
                     found[t] = partial[t - done - 1].argmax(-1)
             running = partial[-1]
-            done += steps
+            done += out.shape[0]
         return torch.stack([found[t] for t in timesteps])
