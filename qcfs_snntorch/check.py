@@ -8,15 +8,22 @@ non-linearities are not, and are refused by path.
 
 Two passes: every module is matched against class rules, and every module's *own*
 ``forward`` is traced with torch.fx (its submodules as leaves) to find functional ops
-(``F.relu``, ``x * gate``, ``q @ k``). Tracing one module at a time names the module
-that owns each op and survives modules that do not trace (data-dependent control flow):
-those are listed in ``CheckReport.untraced`` instead of hiding the rest of the network.
+(``F.relu``, ``x * gate``, ``q @ k``). Only ops on signals count: arithmetic on
+parameters or shapes (weight standardisation, ``x.shape[1] ** -0.5``) is constant.
+Tracing one module at a time names the module that owns each op and survives modules
+that do not trace (data-dependent control flow): their source is scanned by name instead,
+and they are listed in ``CheckReport.untraced``. An activation module used at several
+places (or in a loop) is refused too: converted, the places would share one membrane.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
 import inspect
 import operator
+import textwrap
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +90,8 @@ REASONS = {
     "norm": "per-sample normalisation (statistics of the activations) is not linear in spike rates",
     "attention": "attention multiplies activations with each other; not rate-codable by IF neurons",
     "nonlinear": "a non-linear function of the activations, not expressible by IF neurons",
+    "shared": "one activation module used at several places (or in a loop): converted, they would share one "
+    "membrane; each call needs its own module (create_model does this where the calls are distinct in the source)",
 }
 
 _MODULE_RULES: list[tuple[tuple[type, ...], str]] = [
@@ -158,22 +167,23 @@ _STATIC_METHODS = {"size", "dim", "numel", "type_as"}
 
 
 class _LeafTracer(torch.fx.Tracer):
-    """Traces a whole network, keeping QCFS, neurons, torch.nn layers and timm's no-trace modules as leaves.
+    """Traces a whole network, keeping QCFS, neurons and torch.nn layers as leaves.
 
-    timm registers the modules and functions that symbolic tracing cannot enter (VGG's
-    head checks the input size); treating them as leaves is what timm's own FX feature
-    extraction does.
+    Every QCFS / neuron stays a ``call_module`` node of its own (the engine and the
+    exporters rely on that). timm's no-trace modules (the ones symbolic tracing cannot
+    enter, e.g. ``Conv2dSame``) are leaves too, as timm's own FX feature extraction does,
+    unless they contain an activation (``BatchNormAct2d``), which must stay visible.
     """
 
     def __init__(self):
         super().__init__(autowrap_functions=tuple(get_notrace_functions()))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (
-            isinstance(m, (QCFS, MultiStepNeuron))
-            or is_notrace_module(type(m))
-            or super().is_leaf_module(m, qualname)
-        )
+        if isinstance(m, (QCFS, MultiStepNeuron)):
+            return True
+        if is_notrace_module(type(m)):
+            return not any(isinstance(sub, (QCFS, MultiStepNeuron)) for sub in m.modules())
+        return super().is_leaf_module(m, qualname)
 
 
 class _ShallowTracer(torch.fx.Tracer):
@@ -188,6 +198,15 @@ def has_own_forward(module: nn.Module) -> bool:
     if isinstance(module, (QCFS, MultiStepNeuron)):
         return False
     return not type(module).__module__.startswith("torch.nn")
+
+
+def forward_function(module: nn.Module):
+    """The function ``module(x)`` runs: its class's ``forward``, or one set on the instance
+    (timm's FasterNet picks ``self.forward = self.forward_split_cat`` at init)."""
+    bound = module.__dict__.get("forward")
+    if inspect.ismethod(bound) and bound.__self__ is module:
+        return bound.__func__
+    return type(module).forward
 
 
 def trace_own_forward(module: nn.Module) -> torch.fx.Graph:
@@ -205,12 +224,13 @@ def trace_own_forward(module: nn.Module) -> torch.fx.Graph:
         and p.default is not inspect.Parameter.empty
         and not isinstance(p.default, torch.Tensor)
     }
-    return _ShallowTracer().trace(module, concrete_args=concrete or None)
-
-
-def functional_activation_nodes(graph: torch.fx.Graph, targets) -> list[torch.fx.Node]:
-    """Nodes of ``graph`` that call one of ``targets`` (functions, or method names as strings)."""
-    return [n for n in graph.nodes if n.op in ("call_function", "call_method") and n.target in targets]
+    cls, forward = type(module), forward_function(module)
+    if forward is not cls.forward:  # fx traces type(root).forward: lend the instance a class with its own
+        module.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    try:
+        return _ShallowTracer().trace(module, concrete_args=concrete or None)
+    finally:
+        module.__class__ = cls
 
 
 def _dynamic_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
@@ -260,10 +280,15 @@ def _graph_problems(graph: torch.fx.Graph, where: str) -> list[Problem]:
 
 
 def _scan(model: nn.Module) -> tuple[list[Problem], int, list[str], list[str]]:
-    problems, activations, untraced, notes = [], 0, [], []
+    problems, untraced, notes = [], [], []
+    # Where each activation module is used: registered paths and call sites in traced forwards.
+    uses: dict[nn.Module, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, (QCFS, MultiStepNeuron)):
+            uses.setdefault(module, []).append(name)
+    calls: Counter = Counter()
     for name, module in model.named_modules():
         if isinstance(module, (QCFS, MultiStepNeuron)):
-            activations += 1
             continue
         kind = next((kind for classes, kind in _MODULE_RULES if isinstance(module, classes)), None)
         if kind:
@@ -271,14 +296,85 @@ def _scan(model: nn.Module) -> tuple[list[Problem], int, list[str], list[str]]:
             continue  # its own forward is the op just named
         if not has_own_forward(module):
             continue
+        where = f"forward of {name}" if name else "forward"
         try:
             graph = trace_own_forward(module)
-        except Exception as exc:  # data-dependent control flow etc.: its submodules are still checked
+        except Exception as exc:  # data-dependent control flow etc.: read its source instead
             untraced.append(name)
-            notes.append(f"forward of {name or '<root>'} ({type(module).__name__}) not traced ({type(exc).__name__}); its own ops were not checked")
+            scanned = _source_problems(module, where, uses, calls)
+            how = "its source was scanned instead" if scanned is not None else "no source: its own ops were not checked"
+            notes.append(f"{where or 'forward'} ({type(module).__name__}) not traced ({type(exc).__name__}); {how}")
+            problems += scanned or []
             continue
-        problems += _graph_problems(graph, f"forward of {name}" if name else "forward")
-    return problems, activations, untraced, notes
+        problems += _graph_problems(graph, where)
+        for node in graph.nodes:
+            if node.op == "call_module" and module.get_submodule(node.target) in uses:
+                calls[module.get_submodule(node.target)] += 1
+    for activation, paths in uses.items():
+        if len(paths) > 1 or calls[activation] > 1:
+            places = "several places" if calls[activation] > len(paths) else f"{len(paths)} paths"
+            problems.append(Problem(paths[0], f"{type(activation).__name__} used at {places}", REASONS["shared"], "shared"))
+    return problems, len(uses), untraced, notes
+
+
+MISSING = object()
+
+
+def resolve_name(expr: ast.expr, module: nn.Module, globals_: dict):
+    """The object a dotted name in ``module``'s forward refers to (``self.relu``, ``F.relu``), or MISSING."""
+    attrs = []
+    while isinstance(expr, ast.Attribute):
+        attrs.append(expr.attr)
+        expr = expr.value
+    if not isinstance(expr, ast.Name):
+        return MISSING
+    obj = module if expr.id == "self" else globals_.get(expr.id, getattr(builtins, expr.id, MISSING))
+    for attr in reversed(attrs):
+        obj = getattr(obj, attr, MISSING)
+    return obj
+
+
+def _source_problems(module: nn.Module, where: str, uses: dict, calls: Counter) -> list[Problem] | None:
+    """Fallback for a forward fx cannot trace: find the same ops by name in its source.
+
+    Catches non-linear functions and methods, and activation children called in a loop
+    (one module, many calls: converted, one membrane) or at several places. Products of
+    two signals cannot be told from products with constants without tracing, and are
+    not checked.
+    """
+    forward = forward_function(module)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    problems: list[Problem] = []
+    loops = (ast.For, ast.While, ast.AsyncFor, ast.ListComp, ast.GeneratorExp, ast.SetComp, ast.DictComp)
+
+    def visit(node: ast.AST, in_loop: bool) -> None:
+        if isinstance(node, ast.Call):
+            target = resolve_name(node.func, module, forward.__globals__)
+            op = ast.unparse(node.func)
+            if target in uses:
+                calls[target] += 2 if in_loop else 1
+            elif target is not MISSING and _hashable(target) and target in _NONLINEAR_FUNCTIONS:
+                kind = _NONLINEAR_FUNCTIONS[target]
+                problems.append(Problem(where, op, REASONS[kind], kind))
+            elif target is MISSING and isinstance(node.func, ast.Attribute) and node.func.attr in _NONLINEAR_METHODS:
+                kind = _NONLINEAR_METHODS[node.func.attr]
+                problems.append(Problem(where, f".{node.func.attr}()", REASONS[kind], kind))
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_loop or isinstance(node, loops))
+
+    visit(tree, False)
+    return problems
+
+
+def _hashable(obj) -> bool:
+    try:
+        hash(obj)
+    except TypeError:
+        return False
+    return True
 
 
 def check(model_or_name, **create_kwargs) -> CheckReport:

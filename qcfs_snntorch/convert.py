@@ -6,6 +6,9 @@ import copy
 
 import torch
 import torch.fx
+from timm.layers import BatchNormAct2d
+from timm.layers._fx import is_notrace_module
+from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 from .check import ConversionError, _LeafTracer, check
@@ -35,14 +38,42 @@ def _fuse(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
             layer.bias.copy_(bias * scale + shift)
 
 
+# Layers whose output is ``weight * x + bias`` with the stored weight. Subclasses that
+# transform their weight in forward (timm's StdConv2d standardises it) are excluded:
+# folding a scale into a weight that is re-standardised would be undone.
+_FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, Conv2dSame)
+
+
+def _foldable_layer(layer: nn.Module) -> bool:
+    return type(layer) in _FOLDABLE_LAYERS
+
+
+def _bn_replacement(bn: nn.Module) -> nn.Module | None:
+    """What is left of a BatchNorm module once its affine map is folded away (None: do not fold)."""
+    if type(bn) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        return nn.Identity()
+    if type(bn) is BatchNormAct2d:  # timm's BN + dropout + activation in one module
+        return nn.Sequential(bn.drop, bn.act)
+    return None
+
+
+class _FoldTracer(_LeafTracer):
+    """For finding conv → BN pairs only: every timm no-trace module is a leaf, so
+    ``BatchNormAct2d`` is one foldable node and VGG's head (which does not trace) is opaque."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_notrace_module(type(m)) or super().is_leaf_module(m, qualname)
+
+
 def fold_batchnorm(net: nn.Module) -> int:
     """Fold each BatchNorm that directly follows a conv/linear used only by it; returns the count.
 
     Pairs are found on the traced graph, so residual branches and shared layers are never
     folded wrongly. Folding uses the running statistics (the network's eval-mode function).
+    timm's ``BatchNormAct2d`` is folded too; its activation stays in place.
     """
     try:
-        graph = _LeafTracer().trace(net)
+        graph = _FoldTracer().trace(net)
     except Exception as exc:
         raise ValueError(f"fold_bn needs a traceable network; tracing {type(net).__name__} failed: {exc}") from exc
     modules = dict(net.named_modules())
@@ -53,10 +84,11 @@ def fold_batchnorm(net: nn.Module) -> int:
         source = node.args[0]
         if not (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1):
             continue
-        layer = modules[source.target]
-        if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and layer.weight.shape[0] == modules[node.target].num_features:
-            _fuse(layer, modules[node.target])
-            net.set_submodule(node.target, nn.Identity())
+        layer, bn = modules[source.target], modules[node.target]
+        rest = _bn_replacement(bn)
+        if rest is not None and _foldable_layer(layer) and layer.weight.shape[0] == bn.num_features and bn.track_running_stats:
+            _fuse(layer, bn)
+            net.set_submodule(node.target, rest)
             folded += 1
     return folded
 

@@ -1,30 +1,48 @@
 """create_model: a timm model by name, with QCFS activations and average pooling.
 
-The surgery is driven by two registries, so a user can extend it without touching the
-walker: ``ACTIVATION_GROUPS`` (which activation classes a named group replaces by QCFS)
-and ``POOL_REPLACEMENTS`` (which pooling class becomes which linear pooling).
+The surgery is driven by registries, so a user can extend it without touching the
+walkers: ``ACTIVATION_GROUPS`` (which activation classes a named group replaces by QCFS),
+``FUNCTIONAL_ACTIVATIONS`` (the same groups called as functions inside a forward; see
+``rewrite_activation_calls``) and ``POOL_REPLACEMENTS`` (which pooling class becomes
+which linear pooling).
 """
 
 from __future__ import annotations
 
+import ast
+import copy
 import difflib
+import inspect
+import textwrap
 from collections import Counter
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import timm
-import timm.layers
+import torch
+import torch.nn.functional as F
+from timm.layers import SelectAdaptivePool2d
 from timm.layers import activations as timm_act
+from timm.layers import activations_me as timm_act_me
+from timm.layers.adaptive_avgmax_pool import (
+    AdaptiveAvgMaxPool2d,
+    FastAdaptiveAvgMaxPool,
+    FastAdaptiveAvgPool,
+    FastAdaptiveMaxPool,
+)
 from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 from torch import nn
 
+from .check import MISSING, _hashable, forward_function, has_own_forward, resolve_name
 from .qcfs import QCFS
 
 __all__ = [
     "ACTIVATION_GROUPS",
+    "FUNCTIONAL_ACTIVATIONS",
     "POOL_REPLACEMENTS",
     "UnknownModelError",
     "create_model",
     "replace_activations",
+    "rewrite_activation_calls",
     "replace_pooling",
     "register_activation",
     "apply_cifar_stem",
@@ -35,30 +53,50 @@ __all__ = [
 # hard-sigmoid) are never replaced: they multiply, and check() refuses them instead.
 ACTIVATION_GROUPS: dict[str, tuple[type[nn.Module], ...]] = {
     "relu": (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.RReLU, nn.PReLU),
-    "silu": (nn.SiLU, timm_act.Swish),
+    "silu": (nn.SiLU, timm_act.Swish, timm_act_me.SwishMe),
     "gelu": (nn.GELU, timm_act.GELU, timm_act.GELUTanh, timm_act.QuickGELU),
-    "hardswish": (nn.Hardswish, timm_act.HardSwish),
-    "mish": (nn.Mish, timm_act.Mish, timm_act.HardMish),
+    "hardswish": (nn.Hardswish, timm_act.HardSwish, timm_act_me.HardSwishMe),
+    "mish": (nn.Mish, timm_act.Mish, timm_act.HardMish, timm_act_me.MishMe, timm_act_me.HardMishMe),
     "elu": (nn.ELU, nn.CELU, nn.SELU),
 }
 
 
-def _max_to_avg(pool: nn.MaxPool2d) -> nn.Module:
+# The same groups as called functionally inside a block's forward (``F.relu(x)``,
+# ``x.relu()``); strings are tensor-method names. Used by rewrite_activation_calls.
+FUNCTIONAL_ACTIVATIONS: dict[str, tuple] = {
+    "relu": (F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.rrelu, "relu", "relu_"),
+    # timm's own functions too: its get_act_fn() hands them out (nfnet's GammaAct).
+    "silu": (F.silu, timm_act.swish, timm_act_me.swish_me),
+    "gelu": (F.gelu, timm_act.gelu, timm_act.gelu_tanh, timm_act.quick_gelu),
+    "hardswish": (F.hardswish, timm_act.hard_swish, timm_act_me.hard_swish_me),
+    "mish": (F.mish, timm_act.mish, timm_act.hard_mish, timm_act_me.mish_me, timm_act_me.hard_mish_me),
+    "elu": (F.elu, F.elu_, F.celu, F.selu, torch.selu),
+}
+
+
+def _max_to_avg(pool: nn.MaxPool2d) -> nn.Module | None:
     if pool.dilation not in (1, (1, 1)):
-        raise ValueError(f"cannot turn a dilated MaxPool2d into an average pool: {pool}")
+        return None  # no average pool has the same geometry: left for check() to refuse
     if isinstance(pool, MaxPool2dSame):
         return AvgPool2dSame(pool.kernel_size, pool.stride, ceil_mode=pool.ceil_mode)
     # count_include_pad=False keeps border outputs on the same scale as the max they replace.
     return nn.AvgPool2d(pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode, count_include_pad=False)
 
 
-def _adaptive_max_to_avg(pool: nn.AdaptiveMaxPool2d) -> nn.Module:
-    return nn.AdaptiveAvgPool2d(pool.output_size)
+def _fast_global_max_to_avg(pool: nn.Module) -> nn.Module:
+    avg = FastAdaptiveAvgPool(pool.flatten)
+    avg.dim = pool.dim  # the input format (NCHW / NHWC) it was built for
+    return avg
 
 
-POOL_REPLACEMENTS: dict[type[nn.Module], Callable[[nn.Module], nn.Module]] = {
+# Global poolings: max and (avg + max) / 2 both become the average. timm's "catavgmax"
+# (channels doubled) has no drop-in linear counterpart and is left for check() to refuse.
+POOL_REPLACEMENTS: dict[type[nn.Module], Callable[[nn.Module], nn.Module | None]] = {
     nn.MaxPool2d: _max_to_avg,
-    nn.AdaptiveMaxPool2d: _adaptive_max_to_avg,
+    nn.AdaptiveMaxPool2d: lambda pool: nn.AdaptiveAvgPool2d(pool.output_size),
+    AdaptiveAvgMaxPool2d: lambda pool: nn.AdaptiveAvgPool2d(pool.output_size),
+    FastAdaptiveMaxPool: _fast_global_max_to_avg,
+    FastAdaptiveAvgMaxPool: _fast_global_max_to_avg,
 }
 
 
@@ -92,7 +130,8 @@ def replace_activations(
         raise ValueError(f"unknown activation group(s) {unknown}; valid: {sorted(ACTIVATION_GROUPS)}")
     targets = tuple(cls for g in groups for cls in ACTIVATION_GROUPS[g])
     counts: Counter = Counter()
-    for name, module in list(model.named_modules()):
+    # remove_duplicate=False: an instance registered under two paths gets a QCFS at each.
+    for name, module in list(model.named_modules(remove_duplicate=False)):
         if isinstance(module, targets) and not isinstance(module, QCFS):
             counts[type(module).__name__] += 1
             model = _swap(model, name, QCFS(levels=levels, threshold=threshold))
@@ -103,16 +142,153 @@ def replace_pooling(model: nn.Module) -> tuple[nn.Module, Counter]:
     """Replace max pooling by average pooling of the same geometry; returns (model, counts)."""
     counts: Counter = Counter()
     for name, module in list(model.named_modules()):
-        for cls, factory in POOL_REPLACEMENTS.items():
-            if isinstance(module, cls):
-                counts[type(module).__name__] += 1
-                model = _swap(model, name, factory(module))
-                break
-        if isinstance(module, timm.layers.SelectAdaptivePool2d) and "max" in module.pool_type:
-            counts[f"SelectAdaptivePool2d({module.pool_type})"] += 1
-            module.pool = nn.AdaptiveAvgPool2d(1)
-            module.pool_type = "avg"
+        factory = next((f for cls, f in POOL_REPLACEMENTS.items() if isinstance(module, cls)), None)
+        new = factory(module) if factory else None
+        if new is not None:
+            counts[type(module).__name__] += 1
+            model = _swap(model, name, new)
+    for module in model.modules():  # keep timm's pool_type (repr, feat_mult) truthful
+        if isinstance(module, SelectAdaptivePool2d) and isinstance(module.pool, (nn.AdaptiveAvgPool2d, FastAdaptiveAvgPool)):
+            module.pool_type = module.pool_type.replace("avgmax", "avg").replace("max", "avg")
     return model, counts
+
+
+def rewrite_activation_calls(
+    model: nn.Module,
+    *,
+    levels: int = 4,
+    threshold: float = 8.0,
+    groups: Iterable[str] = ("relu",),
+) -> tuple[nn.Module, dict[str, list[str]]]:
+    """Give every activation call site in a module's ``forward`` its own QCFS module.
+
+    Two patterns need it:
+
+    - functional activations of the requested groups (``F.relu(x)``, ``x.relu()``, or a
+      function stored on the module such as nfnet's ``self.act_fn``; see
+      ``FUNCTIONAL_ACTIVATIONS``) become calls of a new QCFS child ``qcfs_fn<i>``;
+    - a QCFS child called at several places (timm's DLA blocks reuse one ``self.relu``)
+      gets a copy for every place after the first: converted, each place needs its own
+      membrane, and in training its own λ.
+
+    The forward's source is rewritten call site by call site (Python's ``ast``) and the
+    instance gets a subclass of its class with that forward: control flow, optional
+    arguments and timm's methods stay as they were. Forwards without source, with closures
+    (zero-argument ``super()``) or with a decorator are left alone, as are sites in helper
+    methods; :func:`qcfs_snntorch.check` names what remains. A rewritten model pickles
+    only through its ``state_dict``. Returns (model, {module path: [rewritten ops]}).
+    """
+    targets = {t for g in groups for t in FUNCTIONAL_ACTIVATIONS.get(g, ())}
+    rewritten: dict[str, list[str]] = {}
+    for name, module in list(model.named_modules()):
+        if has_own_forward(module):
+            ops = _rewrite_forward(module, targets, levels, threshold)
+            if ops:
+                rewritten[name] = ops
+    return model, rewritten
+
+
+def _rewrite_forward(module: nn.Module, targets: set, levels: int, threshold: float) -> list[str]:
+    forward = forward_function(module)
+    if forward.__code__.co_freevars or hasattr(forward, "__wrapped__"):
+        return []  # recompiling would lose the closure (e.g. the __class__ cell of super())
+    try:
+        source = textwrap.dedent(inspect.getsource(forward))
+        filename = inspect.getsourcefile(forward) or "<forward>"
+    except (OSError, TypeError):
+        return []
+    tree = ast.parse(source)
+    function = tree.body[0]
+    if not isinstance(function, ast.FunctionDef) or function.decorator_list:
+        return []
+    ast.increment_lineno(tree, forward.__code__.co_firstlineno - 1)  # tracebacks point at the real file
+    rewriter = _CallSiteRewriter(module, forward.__globals__, targets)
+    try:
+        tree = ast.fix_missing_locations(rewriter.visit(tree))
+    except _CannotRewrite:
+        return []
+    if not rewriter.new_children:
+        return []
+    namespace: dict = {}
+    exec(compile(tree, filename, "exec"), forward.__globals__, namespace)
+    for attr, template in rewriter.new_children:
+        child = copy.deepcopy(template) if template is not None else QCFS(levels=levels, threshold=threshold)
+        module.add_module(attr, child)
+    cls = type(module)
+    module.__class__ = type(cls.__name__, (cls,), {"forward": namespace[function.name], "__module__": cls.__module__})
+    module.__dict__.pop("forward", None)  # a forward chosen per instance would hide the rewritten one
+    return rewriter.ops
+
+
+class _CannotRewrite(Exception):
+    pass
+
+
+class _CallSiteRewriter(ast.NodeTransformer):
+    """Replaces activation call sites in one forward by ``self.qcfs_fn<i>(input)``."""
+
+    def __init__(self, module: nn.Module, globals_: dict, targets: set):
+        self.module, self.globals = module, globals_
+        self.functions = {t for t in targets if not isinstance(t, str)}
+        self.methods = {t for t in targets if isinstance(t, str)}
+        self.seen: set[int] = set()  # QCFS children already called once
+        self.new_children: list[tuple[str, nn.Module | None]] = []  # (attr, QCFS to copy or None for a fresh one)
+        self.ops: list[str] = []
+
+    def _call_new_child(self, node: ast.Call, template, args, keywords, op: str) -> ast.Call:
+        taken = {a for a, _ in self.new_children}
+        i = 0
+        while hasattr(self.module, f"qcfs_fn{i}") or f"qcfs_fn{i}" in taken:
+            i += 1
+        attr = f"qcfs_fn{i}"
+        self.new_children.append((attr, template))
+        self.ops.append(op)
+        func = ast.Attribute(value=ast.Name(id="self", ctx=ast.Load()), attr=attr, ctx=ast.Load())
+        return ast.copy_location(ast.Call(func=func, args=args, keywords=keywords), node)
+
+    def visit_Call(self, node: ast.Call):
+        self.generic_visit(node)  # inner calls first: F.relu(self.bn(x))
+        target = resolve_name(node.func, self.module, self.globals)
+        if isinstance(target, QCFS):
+            if id(target) not in self.seen:
+                self.seen.add(id(target))
+                return node
+            return self._call_new_child(node, target, node.args, node.keywords, f"{ast.unparse(node.func)} (repeated call)")
+        function = target if target is not MISSING and _hashable(target) and target in self.functions else None
+        method = (
+            target is MISSING
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in self.methods
+            and not node.args
+            and not node.keywords
+        )
+        if not function and not method:
+            return node
+        if method:
+            source, op, inplace = node.func.value, f".{node.func.attr}()", node.func.attr.endswith("_")
+        else:
+            given = node.args[:1] or [k.value for k in node.keywords if k.arg == "input"]
+            if not given:
+                raise _CannotRewrite
+            source, op = given[0], ast.unparse(node.func)
+            if not op.endswith(function.__name__):  # a function stored on the module: say which
+                op = f"{op} ({function.__name__})"
+            inplace = function.__name__.endswith("_") or any(
+                k.arg == "inplace" and not (isinstance(k.value, ast.Constant) and not k.value.value) for k in node.keywords
+            )
+        call = self._call_new_child(node, None, [source], [], op)
+        call.inplace_source = source if inplace else None
+        return call
+
+    def visit_Expr(self, node: ast.Expr):
+        # A bare in-place call (``F.relu_(x)``) worked by mutating x: keep that as ``x = ...``.
+        self.generic_visit(node)
+        source = getattr(node.value, "inplace_source", None)
+        if source is None:
+            return node
+        if not isinstance(source, ast.Name):
+            raise _CannotRewrite
+        return ast.copy_location(ast.Assign(targets=[ast.Name(id=source.id, ctx=ast.Store())], value=node.value), node)
 
 
 def apply_cifar_stem(model: nn.Module) -> nn.Module:
@@ -146,25 +322,40 @@ def create_model(
     pretrained: bool = False,
     activations: Iterable[str] = ("relu",),
     cifar_stem: bool = False,
+    model_kwargs: dict | None = None,
     **timm_kwargs,
 ) -> nn.Module:
     """Create a timm model by name, ready for QCFS training and conversion.
 
     Every activation in the ``activations`` groups (see ``ACTIVATION_GROUPS``) becomes a
-    :class:`~qcfs_snntorch.QCFS` with ``levels`` and initial λ ``threshold``; max pooling
-    becomes average pooling. What was replaced is in ``model.qcfs_surgery``. Whether the
+    :class:`~qcfs_snntorch.QCFS` with ``levels`` and initial λ ``threshold``, wherever it
+    sits (also inside blocks that hard-code their own, such as squeeze-excite's), and so
+    does every functional call of the group inside a submodule's forward (``F.relu(x)``);
+    an activation module called at several places gets a copy per place (see
+    :func:`rewrite_activation_calls`); max pooling becomes average pooling.
+    ``model.qcfs_surgery`` records what was replaced: ``{"activations": {class: count},
+    "calls": {module path: [rewritten ops]}, "pooling": {class: count}}``. Whether the
     result converts is :func:`qcfs_snntorch.check`'s job.
+
+    Extra keyword arguments go to ``timm.create_model``; ``model_kwargs`` does the same for
+    timm arguments whose names collide with this function's (DLA's ``levels``).
     """
     if isinstance(levels, bool) or not isinstance(levels, int) or levels <= 0:
         raise ValueError(f"levels must be a positive integer, got {levels!r}")
+    activations = tuple(activations)
+    unknown = [g for g in activations if g not in ACTIVATION_GROUPS]
+    if unknown:  # before building: a large model takes seconds
+        raise ValueError(f"unknown activation group(s) {unknown}; valid: {sorted(ACTIVATION_GROUPS)}")
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         closest = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
         hint = f"closest timm names: {', '.join(closest)}" if closest else "see timm.list_models()"
         raise UnknownModelError(f"unknown model {name!r}; {hint}")
+    timm_kwargs.update(model_kwargs or {})
     model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
     if cifar_stem:
         model = apply_cifar_stem(model)
     model, act_counts = replace_activations(model, levels=levels, threshold=threshold, groups=activations)
+    model, calls = rewrite_activation_calls(model, levels=levels, threshold=threshold, groups=activations)
     model, pool_counts = replace_pooling(model)
-    model.qcfs_surgery = {"activations": dict(act_counts), "pooling": dict(pool_counts)}
+    model.qcfs_surgery = {"activations": dict(act_counts), "calls": calls, "pooling": dict(pool_counts)}
     return model
