@@ -12,6 +12,7 @@ the main process chooses the run directory and writes every file.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import platform
@@ -29,12 +30,13 @@ from torch.utils.data import DataLoader
 import qcfs_snntorch as qs
 from qcfs_snntorch import plots
 from qcfs_snntorch.calibrate import calibrate_from_data
+from qcfs_snntorch.calibrate_snn import calibrate_potentials
 from qcfs_snntorch.checkpoint import CheckpointError, atomic_write_text, check_resume, load_weights, previous_report, save_weights
 from qcfs_snntorch.config import STAGES, ConfigError, list_recipes, load_config, to_yaml
 from qcfs_snntorch.data import DataError, build_datasets
 from qcfs_snntorch.evaluate import evaluate_ann, evaluate_snn
 from qcfs_snntorch.export import ExportError, export_nir
-from qcfs_snntorch.finetune import TimeAveraged
+from qcfs_snntorch.finetune import TimeAveraged, tet_loss
 from qcfs_snntorch.report import RunLog, accuracy_table, write_report
 from qcfs_snntorch.stats import conversion_error, error_table, spike_stats, stats_tables
 from qcfs_snntorch.train import TrainingDiverged, TrainingOutOfMemory, fit, latest_checkpoint, make_accelerator
@@ -228,6 +230,23 @@ def main(argv: list[str]) -> dict:
         finish_stage("eval", started)
         log.table(accuracy_table(report))
 
+    # --- conversion-time calibration of v(0), one SNN per target T ---------------------------------
+    if cfg.snn.calibrate and ("eval" in cfg.stages or "finetune" in cfg.stages):
+        started = time.perf_counter()
+        calib_x = torch.stack([train_set[i][0] for i in range(min(cfg.snn.calibrate_samples, len(train_set)))]).to(accelerator.device)
+        calibrated = {"methods": list(cfg.snn.calibrate), "timesteps": [], "top1": [], "layers": {}}
+        for steps in sorted(set(cfg.snn.calibrate_timesteps) | ({cfg.finetune.timesteps} if "finetune" in cfg.stages else set())):
+            candidate = copy.deepcopy(snn)
+            fitted = calibrate_potentials(ann, candidate, calib_x, steps, cfg.snn.calibrate)
+            calibrated["timesteps"].append(steps)
+            calibrated["top1"].append(evaluate_snn(candidate, eval_loader, [steps], accelerator)[0])
+            calibrated["layers"][str(steps)] = fitted["layers"]
+            log(f"[SNN] calibrated ({'+'.join(cfg.snn.calibrate)}) for T={steps}: top-1 {calibrated['top1'][-1]:.4f}")
+            if steps == cfg.finetune.timesteps:
+                snn = candidate  # fine-tuning starts from the SNN calibrated for its T
+        report["calibration"] = calibrated
+        finish_stage("calibrate", started)
+
     # --- hybrid fine-tuning of the SNN ------------------------------------------------------------
     snn_done = len(done.get("finetune", {}).get("history", [])) == cfg.finetune.epochs and (run_dir / "snn.safetensors").is_file()
     if "finetune" in cfg.stages and "finetune" in done.get("stages", {}) and snn_done and same_ann:
@@ -241,7 +260,8 @@ def main(argv: list[str]) -> dict:
         log(f"[SNN] top-1 at T={steps} before fine-tuning: {before:.4f}")
         set_seed(cfg.seed)  # the same RNG stream whether or not the ANN was trained in this process (resume)
         history = fit(
-            TimeAveraged(snn, steps, bn=cfg.finetune.bn),
+            TimeAveraged(snn, steps, bn=cfg.finetune.bn, per_step=cfg.finetune.loss == "tet",
+                         timesteps_choices=cfg.finetune.timesteps_choices, seed=cfg.seed),
             train_loader,
             cfg=cfg.finetune,
             accelerator=accelerator,
@@ -249,6 +269,7 @@ def main(argv: list[str]) -> dict:
             evaluate=lambda m: evaluate_snn(m.snn, eval_loader, [steps], accelerator)[0],
             resume=cfg.resume,
             log=log,
+            loss_fn=(lambda out, y: tet_loss(out, y, cfg.finetune.label_smoothing)) if cfg.finetune.loss == "tet" else None,
             label=f"SNN T={steps}",
         )
         timesteps = sorted(set(cfg.snn.timesteps) | {steps})

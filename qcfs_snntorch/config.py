@@ -82,6 +82,9 @@ class SNNConfig:
     timesteps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     chunk_size: Optional[int] = 16  # steps per folded forward at evaluation (memory)
     fold_bn: bool = False
+    calibrate: list[str] = field(default_factory=list)  # v(0) calibration: [channel] and/or [layer]
+    calibrate_timesteps: list[int] = field(default_factory=lambda: [1, 2, 4])  # one calibrated SNN per T
+    calibrate_samples: int = 256  # training images used to calibrate
     stats_timesteps: int = 8  # T of the spike/energy statistics
     stats_samples: int = 64  # eval images used for statistics and per-layer conversion error
 
@@ -95,6 +98,8 @@ class FinetuneConfig(OptimConfig):
     surrogate_width: float = 1.0  # in units of θ
     learn_threshold: bool = False
     bn: str = "frozen"  # frozen: running stats fixed | train: stats over time-folded batches
+    loss: str = "mean"  # mean: CE of the mean output | tet: mean of per-step CEs (Deng et al., 2022)
+    timesteps_choices: list[int] = field(default_factory=list)  # draw T per batch from these (one model, several T)
 
 @dataclass
 class RunConfig:
@@ -199,6 +204,9 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg.mixed_precision, ("no", "bf16", "fp16"), "mixed_precision")
     _choice(cfg.finetune.surrogate, tuple(SURROGATES), "finetune.surrogate")
     _choice(cfg.finetune.bn, ("frozen", "train"), "finetune.bn")
+    _choice(cfg.finetune.loss, ("mean", "tet"), "finetune.loss")
+    for t in cfg.finetune.timesteps_choices:
+        _positive(t, "finetune.timesteps_choices[]")
     _positive(cfg.model.levels, "model.levels")
     _positive(cfg.model.threshold, "model.threshold")
     _choice(cfg.model.threshold_init, ("fixed", "data"), "model.threshold_init")
@@ -210,6 +218,13 @@ def validate(cfg: RunConfig) -> None:
         _positive(t, "snn.timesteps[]")
     _positive(cfg.snn.chunk_size, "snn.chunk_size")
     _positive(cfg.snn.stats_timesteps, "snn.stats_timesteps")
+    _positive(cfg.snn.calibrate_samples, "snn.calibrate_samples")
+    from .calibrate_snn import METHODS
+
+    for method in cfg.snn.calibrate:
+        _choice(method, METHODS, "snn.calibrate[]")
+    for t in cfg.snn.calibrate_timesteps:
+        _positive(t, "snn.calibrate_timesteps[]")
     _positive(cfg.snn.stats_samples, "snn.stats_samples")
     for tracker in cfg.log_with:
         _choice(tracker, ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"), "log_with[]")

@@ -217,6 +217,7 @@ def fit(
     checkpoint_dir: str | Path,
     evaluate: Callable[[nn.Module], float] | None = None,
     metrics: Callable[[nn.Module], dict] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     resume: bool = False,
     log: Callable[[str], None] = print,
     label: str = "train",
@@ -272,7 +273,9 @@ def fit(
         except (ValueError, AssertionError, KeyError) as exc:
             raise _bad_setting(f"{name}.scheduler={cfg.scheduler!r}", exc, "schedules are updated every optimizer step, so "
                                "per-epoch-only ones (plateau) do not apply; e.g. cosine, step, multistep, poly, tanh, or none") from None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    # A model may return per-step outputs [T, B, C] for a per-step loss (TET); the
+    # prediction is then their mean over steps.
+    loss_fn = loss_fn or nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
     _clean_partials(accelerator, checkpoint_dir)
     start_epoch, skip, history, carried, last_good = 0, 0, [], None, None
@@ -375,7 +378,8 @@ def fit(
                     if scheduler is not None:
                         scheduler.step_update(epoch * updates_per_epoch + update_in_epoch)
                 loss_sum += loss.detach() * labels.numel()
-                correct += (logits.detach().argmax(-1) == labels).sum()
+                predicted = logits.detach().mean(0) if logits.dim() == 3 else logits.detach()
+                correct += (predicted.argmax(-1) == labels).sum()
                 seen += labels.numel()
                 progress.update(task, advance=1, loss=(loss_sum / seen).item())
                 global_update = epoch * updates_per_epoch + update_in_epoch

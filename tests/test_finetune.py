@@ -72,3 +72,20 @@ def test_random_timesteps_are_drawn_from_the_choices():
     seen = {model(torch.randn(2, 3)).shape[0] for _ in range(20)}
     assert seen == {1, 3}
     assert model.eval()(torch.randn(2, 3)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("method", ["channel", "layer"])
+def test_potential_calibration_improves_low_T_accuracy(trained, method):
+    from qcfs_snntorch.calibrate_snn import calibrate_potentials
+
+    ann, loader, test_loader, accelerator, _ = trained
+    calib_x = torch.cat([x for x, _ in loader])[:256]
+    plain = evaluate_snn(qs.convert(ann), test_loader, [2], accelerator)[0]
+    snn = qs.convert(ann)
+    fitted = calibrate_potentials(ann, snn, calib_x, 2, [method])
+    calibrated = evaluate_snn(snn, test_loader, [2], accelerator)[0]
+    assert calibrated > plain + 0.02, (plain, calibrated)
+    # per-channel offsets: "channel" removes them to first order, "layer" only their layer mean
+    factor = 0.75 if method == "channel" else 1.0
+    assert sum(layer["offset_after"] for layer in fitted["layers"]) < factor * sum(layer["offset_before"] for layer in fitted["layers"])
+    assert any(n.initial_offset.abs().sum() > 0 for n in snn.neurons())

@@ -138,3 +138,12 @@ def test_surrogates_fire_on_ge_and_integrate_to_one(name):
 def test_bad_surrogate_names_valid_ones():
     with pytest.raises(ValueError, match="triangle"):
         get_surrogate("nope")
+
+
+def test_initial_offset_shifts_v0():
+    n = IFNeuron(1.0)
+    n.initial_offset = torch.tensor(0.25)
+    snn = SpikingModel(nn.Sequential(n))
+    # v(0) = 0.75: an input of 0.25 reaches θ at the first step
+    assert snn(torch.tensor([0.25]), timesteps=1).item() == 1.0
+    assert "initial_offset" in n.state_dict()

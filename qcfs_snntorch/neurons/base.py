@@ -53,6 +53,9 @@ class MultiStepNeuron(snntorch.Leaky):
         self.timesteps = 1  # steps folded into dim 0 of the next input; set by SpikingModel
         self.mem = torch.zeros(0)
         self._fresh = True
+        # Added to v(0); set by conversion-time calibration (qcfs_snntorch.calibrate_snn).
+        # Scalar or broadcastable to one step's input (e.g. [C, 1, 1]).
+        self.register_buffer("initial_offset", torch.zeros(()))
 
     def reset_state(self) -> None:
         """Forget the membrane; the next input starts from :meth:`initial_potential`."""

@@ -96,7 +96,8 @@ class IFNeuron(MultiStepNeuron):
     fused = True  # False: the per-step autograd graph (reference; slower, more memory)
 
     def initial_potential(self, like: torch.Tensor) -> torch.Tensor:
-        return (0.5 * self.threshold.to(torch.float32)).expand(like.shape)  # integrate copies it
+        v0 = 0.5 * self.threshold.to(torch.float32) + self.initial_offset
+        return v0.expand(like.shape)  # integrate copies it
 
     def integrate(self, currents: torch.Tensor, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         theta = self.threshold.to(torch.float32)
