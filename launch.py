@@ -31,7 +31,14 @@ import qcfs_snntorch as qs
 from qcfs_snntorch import plots
 from qcfs_snntorch.calibrate import calibrate_from_data
 from qcfs_snntorch.calibrate_snn import calibrate_potentials
-from qcfs_snntorch.checkpoint import CheckpointError, atomic_write_text, check_resume, load_weights, previous_report, save_weights
+from qcfs_snntorch.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    check_resume,
+    load_weights,
+    previous_report,
+    save_weights,
+)
 from qcfs_snntorch.config import STAGES, ConfigError, list_recipes, load_config, to_yaml
 from qcfs_snntorch.data import DataError, build_datasets
 from qcfs_snntorch.evaluate import evaluate_ann, evaluate_snn

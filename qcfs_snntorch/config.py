@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -40,22 +40,22 @@ class ModelConfig:
     activations: list[str] = field(default_factory=lambda: ["relu"])  # groups replaced by QCFS
     cifar_stem: bool = False  # 3×3 stride-1 stem, no stem pooling (ResNet family)
     pretrained: bool = False  # timm weights (needs the hub, or HF_HUB_OFFLINE with a cache)
-    checkpoint: Optional[str] = None  # ANN weights (.safetensors) to start from / convert
+    checkpoint: str | None = None  # ANN weights (.safetensors) to start from / convert
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
 
 @dataclass
 class DataConfig:
     name: str = "digits"  # digits | imagefolder | cifar10 | cifar100 | imagenet
-    root: Optional[str] = None  # folder, or a .tar.gz of an ImageFolder tree
-    image_size: Optional[int] = None  # default: 8 digits, 32 CIFAR/imagefolder, 224 imagenet
+    root: str | None = None  # folder, or a .tar.gz of an ImageFolder tree
+    image_size: int | None = None  # default: 8 digits, 32 CIFAR/imagefolder, 224 imagenet
     batch_size: int = 64  # per process
     eval_batch_size: int = 256  # per process
     num_workers: int = 0
     download: bool = False  # torchvision CIFAR only, needs the internet
     autoaugment: bool = False  # CIFAR policy
     cutout: int = 0  # side of the Cutout square in pixels, 0 = off
-    train_subset: Optional[int] = None  # a fixed random subset, for quick runs
-    eval_subset: Optional[int] = None
+    train_subset: int | None = None  # a fixed random subset, for quick runs
+    eval_subset: int | None = None
 
 @dataclass
 class OptimConfig:
@@ -69,9 +69,9 @@ class OptimConfig:
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     grad_accum_steps: int = 1
-    max_grad_norm: Optional[float] = None
-    max_steps_per_epoch: Optional[int] = None  # cap, for smoke tests
-    checkpoint_every_steps: Optional[int] = None  # also checkpoint every N optimizer updates (mid-epoch resume)
+    max_grad_norm: float | None = None
+    max_steps_per_epoch: int | None = None  # cap, for smoke tests
+    checkpoint_every_steps: int | None = None  # also checkpoint every N optimizer updates (mid-epoch resume)
 
 @dataclass
 class TrainConfig(OptimConfig):
@@ -80,7 +80,7 @@ class TrainConfig(OptimConfig):
 @dataclass
 class SNNConfig:
     timesteps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
-    chunk_size: Optional[int] = 16  # steps per folded forward at evaluation (memory)
+    chunk_size: int | None = 16  # steps per folded forward at evaluation (memory)
     fold_bn: bool = False
     calibrate: list[str] = field(default_factory=list)  # v(0) calibration: [channel] and/or [layer]
     calibrate_timesteps: list[int] = field(default_factory=lambda: [1, 2, 4])  # one calibrated SNN per T
@@ -107,7 +107,7 @@ class RunConfig:
     stages: list[str] = field(default_factory=lambda: ["train", "convert", "eval", "finetune"])
     seed: int = 0
     output_dir: str = "runs"
-    run_dir: Optional[str] = None  # default: <output_dir>/<recipe>-<timestamp>
+    run_dir: str | None = None  # default: <output_dir>/<recipe>-<timestamp>
     resume: bool = False  # continue the run in run_dir from its last checkpoint
     mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 is a no-op on CPU)
     log_with: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard]

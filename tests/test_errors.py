@@ -20,7 +20,14 @@ import qcfs_snntorch as qs
 from qcfs_snntorch.checkpoint import CheckpointError, load_weights, save_weights
 from qcfs_snntorch.config import ConfigError, DataConfig, FinetuneConfig, TrainConfig
 from qcfs_snntorch.data import DataError, build_datasets
-from qcfs_snntorch.train import TrainingDiverged, TrainingOutOfMemory, fit, latest_checkpoint, list_checkpoints, make_accelerator
+from qcfs_snntorch.train import (
+    TrainingDiverged,
+    TrainingOutOfMemory,
+    fit,
+    latest_checkpoint,
+    list_checkpoints,
+    make_accelerator,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -10,8 +10,8 @@ steps relies on.
 
 from __future__ import annotations
 
-import torch
 import snntorch
+import torch
 from snntorch._neurons.neurons import SpikingNeuron
 
 from .surrogate import get_surrogate

@@ -9,7 +9,7 @@ Here the argument is ``u = (v − θ) / θ`` and every width is relative to θ. 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
