@@ -83,3 +83,37 @@ def test_evaluation_counts_every_sample_once_across_ranks():
     debug_launcher(_evaluate_uneven, num_processes=2)
     assert json.loads(RESULT.read_text()) == pytest.approx(1 / 101)
     RESULT.unlink()
+
+
+def _train_mlp(batch_size: int):
+    """Trains a small QCFS MLP without BatchNorm on fixed data; rank 0 writes the weights."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import qcfs_snntorch as qs
+    from qcfs_snntorch.config import TrainConfig
+    from qcfs_snntorch.train import fit, make_accelerator
+
+    accelerator = make_accelerator()
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 12), torch.randint(0, 4, (128,))
+    model = nn.Sequential(nn.Linear(12, 32), qs.QCFS(4, 2.0), nn.Linear(32, 4))
+    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+    fit(model, loader, cfg=TrainConfig(epochs=2, lr=0.1, scheduler="none"), accelerator=accelerator,
+        checkpoint_dir=Path(os.environ["QCFS_DDP_DIR"]) / f"b{batch_size}", log=lambda m: None)
+    if accelerator.is_main_process:
+        RESULT.write_text(json.dumps([p.detach().flatten().tolist() for p in model.parameters()]))
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    """2 ranks × batch 8 (DDP averages the gradients) = 1 process × batch 16 on the same data order."""
+    os.environ["QCFS_DDP_DIR"] = str(tmp_path)
+    RESULT.unlink(missing_ok=True)
+    debug_launcher(lambda: _train_mlp(8), num_processes=2)
+    two = json.loads(RESULT.read_text())
+    RESULT.unlink()
+    debug_launcher(lambda: _train_mlp(16), num_processes=1)
+    one = json.loads(RESULT.read_text())
+    RESULT.unlink()
+    for a, b in zip(two, one):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
