@@ -255,7 +255,8 @@ def main(argv: list[str]) -> dict:
         finish_stage("calibrate", started)
 
     # --- hybrid fine-tuning of the SNN ------------------------------------------------------------
-    snn_done = len(done.get("finetune", {}).get("history", [])) == cfg.finetune.epochs and (run_dir / "snn.safetensors").is_file()
+    phases = [*cfg.finetune.progressive, cfg.finetune.timesteps]  # progressive: e.g. T = 4, then 2
+    snn_done = len(done.get("finetune", {}).get("history", [])) == cfg.finetune.epochs * len(phases) and (run_dir / "snn.safetensors").is_file()
     if "finetune" in cfg.stages and "finetune" in done.get("stages", {}) and snn_done and same_ann:
         load_weights(snn, run_dir / "snn.safetensors")
         report["finetune"], report["stages"]["finetune"] = done["finetune"], done["stages"]["finetune"]
@@ -266,19 +267,22 @@ def main(argv: list[str]) -> dict:
         before = evaluate_snn(snn, eval_loader, [steps], accelerator)[0]
         log(f"[SNN] top-1 at T={steps} before fine-tuning: {before:.4f}")
         set_seed(cfg.seed)  # the same RNG stream whether or not the ANN was trained in this process (resume)
-        history = fit(
-            TimeAveraged(snn, steps, bn=cfg.finetune.bn, per_step=cfg.finetune.loss == "tet",
-                         timesteps_choices=cfg.finetune.timesteps_choices, seed=cfg.seed),
-            train_loader,
-            cfg=cfg.finetune,
-            accelerator=accelerator,
-            checkpoint_dir=run_dir / "checkpoints" / "snn",
-            evaluate=lambda m: evaluate_snn(m.snn, eval_loader, [steps], accelerator)[0],
-            resume=cfg.resume,
-            log=log,
-            loss_fn=(lambda out, y: tet_loss(out, y, cfg.finetune.label_smoothing)) if cfg.finetune.loss == "tet" else None,
-            label=f"SNN T={steps}",
-        )
+        history = []
+        for phase in phases:
+            phase_history = fit(
+                TimeAveraged(snn, phase, bn=cfg.finetune.bn, per_step=cfg.finetune.loss == "tet",
+                             timesteps_choices=cfg.finetune.timesteps_choices, seed=cfg.seed),
+                train_loader,
+                cfg=cfg.finetune,
+                accelerator=accelerator,
+                checkpoint_dir=run_dir / "checkpoints" / ("snn" if len(phases) == 1 else f"snn_T{phase}"),
+                evaluate=lambda m: evaluate_snn(m.snn, eval_loader, [m.timesteps], accelerator)[0],
+                resume=cfg.resume,
+                log=log,
+                loss_fn=(lambda out, y: tet_loss(out, y, cfg.finetune.label_smoothing)) if cfg.finetune.loss == "tet" else None,
+                label=f"SNN T={phase}",
+            )
+            history += [{**entry, "timesteps": phase} for entry in phase_history]
         timesteps = sorted(set(cfg.snn.timesteps) | {steps})
         after = evaluate_snn(snn, eval_loader, timesteps, accelerator)
         report["finetune"] = {

@@ -100,6 +100,7 @@ class FinetuneConfig(OptimConfig):
     bn: str = "frozen"  # frozen: running stats fixed | train: stats over time-folded batches
     loss: str = "mean"  # mean: CE of the mean output | tet: mean of per-step CEs (Deng et al., 2022)
     timesteps_choices: list[int] = field(default_factory=list)  # draw T per batch from these (one model, several T)
+    progressive: list[int] = field(default_factory=list)  # fine-tune at these T first, in order (e.g. [4]), then at timesteps
 
 @dataclass
 class RunConfig:
@@ -207,6 +208,8 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg.finetune.loss, ("mean", "tet"), "finetune.loss")
     for t in cfg.finetune.timesteps_choices:
         _positive(t, "finetune.timesteps_choices[]")
+    for t in cfg.finetune.progressive:
+        _positive(t, "finetune.progressive[]")
     _positive(cfg.model.levels, "model.levels")
     _positive(cfg.model.threshold, "model.threshold")
     _choice(cfg.model.threshold_init, ("fixed", "data"), "model.threshold_init")

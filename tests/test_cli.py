@@ -73,3 +73,14 @@ def test_help_lists_recipes_and_stages():
     result = launch("--help", timeout=60)
     assert result.returncode == 0
     assert "quickstart" in result.stdout and "finetune" in result.stdout
+
+
+def test_progressive_finetuning_runs_each_T_in_order(tmp_path):
+    run = tmp_path / "run"
+    result = launch("train.epochs=1", "finetune.epochs=1", "finetune.max_steps_per_epoch=3", "finetune.progressive=[4]",
+                    "finetune.timesteps=2", "snn.timesteps=[2,4]", "stages=[train,convert,eval,finetune]", f"run_dir={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    assert [h["timesteps"] for h in report["finetune"]["history"]] == [4, 2]
+    assert report["finetune"]["timesteps"] == 2
+    assert (run / "checkpoints" / "snn_T4").is_dir() and (run / "checkpoints" / "snn_T2").is_dir()
