@@ -96,7 +96,11 @@ def main(argv: list[str]) -> dict:
         **{"in_chans": info.in_chans, **cfg.model.kwargs},
     )
     if cfg.model.checkpoint:
-        load_weights(ann, cfg.model.checkpoint)
+        # With threshold_init=data the weights may come from the same network with ReLU
+        # (no λ in the file): λ is then set from activation statistics below.
+        relu_start = cfg.model.threshold_init == "data"
+        thresholds_of = {f"{name}.threshold" for name, m in ann.named_modules() if isinstance(m, qs.QCFS)}
+        load_weights(ann, cfg.model.checkpoint, may_lack=thresholds_of.__contains__ if relu_start else None)
     spiking_stages = {"convert", "eval", "finetune", "export"} & set(cfg.stages)
     if spiking_stages:
         verdict = qs.check(ann)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,8 +66,12 @@ def save_weights(model: nn.Module, path: str | Path, metadata: dict | None = Non
     _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a safetensors file into ``model``; every mismatch is reported, not half-applied."""
+def load_weights(model: nn.Module, path: str | Path, *, may_lack: Callable[[str], bool] | None = None) -> list[str]:
+    """Load a safetensors file into ``model``; every mismatch is reported, not half-applied.
+
+    ``may_lack(key)`` names model entries the file may lack (they keep their values), e.g.
+    the QCFS thresholds when starting from a ReLU network's weights. Returns those lacking.
+    """
     path = Path(path)
     if path.is_dir():
         inner = path / "model.safetensors"
@@ -84,7 +89,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             "another format (a torch.save .pt/.pth file must be converted first: safetensors.torch.save_file(state_dict, path))"
         ) from None
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    lacking = sorted(k for k in set(own) - set(state) if may_lack is not None and may_lack(k))
+    missing = sorted(set(own) - set(state) - set(lacking))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or shapes:
@@ -102,7 +108,8 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             + "Was it written for another model.name, levels, number of classes or cifar_stem?"
         )
     with torch.no_grad():
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=not lacking)
+    return lacking
 
 
 def _get(cfg, dotted: str):

@@ -84,3 +84,23 @@ def test_progressive_finetuning_runs_each_T_in_order(tmp_path):
     assert [h["timesteps"] for h in report["finetune"]["history"]] == [4, 2]
     assert report["finetune"]["timesteps"] == 2
     assert (run / "checkpoints" / "snn_T4").is_dir() and (run / "checkpoints" / "snn_T2").is_dir()
+
+
+def test_start_from_a_trained_relu_network(tmp_path):
+    """Issue 4, item 0: ReLU weights → λ from activation statistics → short QCFS training."""
+    relu = tmp_path / "relu"
+    result = launch("model.activations=[]", "stages=[train]", "train.epochs=6", f"run_dir={relu}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    relu_top1 = json.loads((relu / "report.json").read_text())["ann"]["top1"]
+    assert relu_top1 > 0.8
+
+    strict = launch(f"model.checkpoint={relu / 'ann.safetensors'}", "stages=[convert,eval]", f"output_dir={tmp_path / 'x'}")
+    assert strict.returncode == 2 and "missing" in strict.stderr  # λ absent: only allowed with threshold_init=data
+
+    qcfs = tmp_path / "qcfs"
+    result = launch(f"model.checkpoint={relu / 'ann.safetensors'}", "model.threshold_init=data", "train.epochs=1",
+                    "train.lr=0.01", "stages=[train,convert,eval]", "snn.timesteps=[8]", f"run_dir={qcfs}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((qcfs / "report.json").read_text())
+    assert report["ann"]["top1"] > relu_top1 - 0.05
+    assert all(t != 8.0 for t in report["ann"]["thresholds"])
