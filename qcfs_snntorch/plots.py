@@ -59,18 +59,28 @@ def plot_accuracy_vs_timesteps(
     return _save(fig, path)
 
 
-def plot_firing_rates(stats: Mapping, path: str | Path, *, title: str | None = None) -> Path:
-    """Bar chart of each neuron layer's firing rate from a :func:`~qcfs_snntorch.stats.spike_stats` result."""
-    names = [n["name"] for n in stats["neurons"]]
-    rates = [n["firing_rate"] for n in stats["neurons"]]
+def _layer_bars(names: list[str], values: list[float], path, *, color: str, ylabel: str, title: str) -> Path:
+    """One bar per layer, labelled by module path: the shape of every per-layer plot here."""
     fig = Figure(figsize=(max(6, 0.35 * len(names) + 2), 4))
     ax = fig.add_subplot()
-    ax.bar(range(len(names)), rates, color="tab:blue")
+    ax.bar(range(len(names)), values, color=color)
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("spikes / neuron / step")
-    ax.set_title(title or f"Firing rate per layer (T = {stats['timesteps']})")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def plot_firing_rates(stats: Mapping, path: str | Path, *, title: str | None = None) -> Path:
+    """Bar chart of each neuron layer's firing rate from a :func:`~qcfs_snntorch.stats.spike_stats` result."""
+    return _layer_bars(
+        [n["name"] for n in stats["neurons"]],
+        [n["firing_rate"] for n in stats["neurons"]],
+        path,
+        color="tab:blue",
+        ylabel="spikes / neuron / step",
+        title=title or f"Firing rate per layer (T = {stats['timesteps']})",
+    )
 
 
 def plot_conversion_error(errors: Mapping, path: str | Path, *, timesteps: int | None = None, title: str | None = None) -> Path:
@@ -80,13 +90,11 @@ def plot_conversion_error(errors: Mapping, path: str | Path, *, timesteps: int |
     if t not in all_t:
         raise ValueError(f"T={t} is not among the evaluated time steps {all_t}")
     k = all_t.index(t)
-    names = [row["name"] for row in errors["layers"]]
-    values = [100 * (row["relative"][k] or 0.0) for row in errors["layers"]]  # None (silent ANN layer) → 0
-    fig = Figure(figsize=(max(6, 0.35 * len(names) + 2), 4))
-    ax = fig.add_subplot()
-    ax.bar(range(len(names)), values, color="tab:red")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("|ANN − SNN rate·θ| / mean ANN activation (%)")
-    ax.set_title(title or f"Conversion error per layer (T = {t})")
-    ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return _layer_bars(
+        [row["name"] for row in errors["layers"]],
+        [100 * (row["relative"][k] or 0.0) for row in errors["layers"]],  # None (silent ANN layer) → 0
+        path,
+        color="tab:red",
+        ylabel="|ANN − SNN rate·θ| / mean ANN activation (%)",
+        title=title or f"Conversion error per layer (T = {t})",
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import randomise
 from torch import nn
 
 from qcfs_snntorch import QCFS, IFNeuron, SpikingModel, convert, create_model
@@ -34,28 +35,14 @@ class ResidualNet(nn.Module):
         return self.fc(self.pool(h).flatten(1)) + self.bypass(self.pool(s).flatten(1))
 
 
-def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """BN statistics and thresholds away from the untrained defaults (which produce exact ties)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1, generator=gen)
-            m.running_var.uniform_(0.5, 2.0, generator=gen)
-            m.weight.data.uniform_(0.5, 1.5, generator=gen)
-            m.bias.data.uniform_(-0.1, 0.2, generator=gen)
-        if isinstance(m, QCFS):
-            m.threshold.data = torch.empty(()).uniform_(0.4, 1.0, generator=gen)
-    return model.eval()
-
-
 def _residual():
     torch.manual_seed(0)
-    return _randomise(ResidualNet()), torch.rand(3, 3, 8, 8)
+    return randomise(ResidualNet(), thresholds=(0.4, 1.0)), torch.rand(3, 3, 8, 8)
 
 
 def _timm():
     torch.manual_seed(0)
-    return _randomise(create_model("test_resnet", num_classes=10)), torch.rand(2, 3, 32, 32)
+    return randomise(create_model("test_resnet", num_classes=10), thresholds=(0.4, 1.0)), torch.rand(2, 3, 32, 32)
 
 
 NETS = {"residual": _residual, "test_resnet": _timm}

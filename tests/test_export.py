@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import randomise
 from torch import nn
 
 from qcfs_snntorch import QCFS, IFNeuron, SpikingModel, convert, create_model
@@ -38,29 +39,17 @@ class SmallResNet(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
-def _randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and thresholds: an untrained net has exact ties (see docs/NIR.md)."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.1, 0.1, generator=gen)
-            m.running_var.uniform_(0.5, 2.0, generator=gen)
-            m.weight.data.uniform_(0.5, 1.5, generator=gen)
-            m.bias.data.uniform_(-0.1, 0.2, generator=gen)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def small():
     torch.manual_seed(0)
-    snn = convert(_randomise(SmallResNet()))
+    snn = convert(randomise(SmallResNet()))
     return snn, torch.rand(3, 3, 8, 8)
 
 
 @pytest.fixture(scope="module")
 def resnet():
     torch.manual_seed(0)
-    model = _randomise(create_model("test_resnet", num_classes=10))
+    model = randomise(create_model("test_resnet", num_classes=10))
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():
         if isinstance(m, QCFS):
@@ -199,12 +188,12 @@ def test_snntorch_importer_documented_behaviour(tmp_path):
     torch.manual_seed(0)
     x = torch.rand(1, 3, 8, 8)
     # Identity shortcut: the IF after the add has r = θ_stem ≠ 1, which the importer refuses.
-    export_nir(convert(_randomise(SmallResNet())), tmp_path / "id.nir", x)
+    export_nir(convert(randomise(SmallResNet())), tmp_path / "id.nir", x)
     with pytest.raises(AssertionError, match="r != 1"):
         import_from_nir(nir.read(tmp_path / "id.nir"))
     # Conv shortcut: every r is 1 and the graph loads, but IF becomes Leaky(β = 0.9) returning
     # (spike, membrane) tuples, so the loaded module cannot run.
-    snn = convert(_randomise(SmallResNet(conv_shortcut=True)))
+    snn = convert(randomise(SmallResNet(conv_shortcut=True)))
     export_nir(snn, tmp_path / "conv.nir", x)
     imported = import_from_nir(nir.read(tmp_path / "conv.nir"))
     leaky = imported.get_submodule("act2")
