@@ -43,7 +43,7 @@ from qcfs_snntorch.config import STAGES, ConfigError, list_recipes, load_config,
 from qcfs_snntorch.data import DataError, build_datasets
 from qcfs_snntorch.evaluate import evaluate_ann, evaluate_snn
 from qcfs_snntorch.export import ExportError, export_nir
-from qcfs_snntorch.finetune import TimeAveraged, tet_loss
+from qcfs_snntorch.finetune import TimeAveraged, finetune_loss
 from qcfs_snntorch.report import RunLog, accuracy_table, write_report
 from qcfs_snntorch.stats import conversion_error, error_table, spike_stats, stats_tables
 from qcfs_snntorch.train import TrainingDiverged, TrainingOutOfMemory, fit, latest_checkpoint, make_accelerator
@@ -95,12 +95,14 @@ def main(argv: list[str]) -> dict:
         pretrained=cfg.model.pretrained,
         **{"in_chans": info.in_chans, **cfg.model.kwargs},
     )
+    thresholds_lacking = not cfg.model.checkpoint
     if cfg.model.checkpoint:
         # With threshold_init=data the weights may come from the same network with ReLU
-        # (no λ in the file): λ is then set from activation statistics below.
+        # (no λ in the file): λ is then set from activation statistics below. A file that
+        # holds λ keeps it: those are trained thresholds, not a starting point.
         relu_start = cfg.model.threshold_init == "data"
         thresholds_of = {f"{name}.threshold" for name, m in ann.named_modules() if isinstance(m, qs.QCFS)}
-        load_weights(ann, cfg.model.checkpoint, may_lack=thresholds_of.__contains__ if relu_start else None)
+        thresholds_lacking = bool(load_weights(ann, cfg.model.checkpoint, may_lack=thresholds_of.__contains__ if relu_start else None))
     spiking_stages = {"convert", "eval", "finetune", "export"} & set(cfg.stages)
     if spiking_stages:
         verdict = qs.check(ann)
@@ -129,7 +131,7 @@ def main(argv: list[str]) -> dict:
     eval_loader = accelerator.prepare(DataLoader(eval_set, batch_size=cfg.data.eval_batch_size, **loader_args))
     # A resumed run whose ANN comes back from run_dir needs no calibration; one killed before its first checkpoint does.
     ann_from_run_dir = cfg.resume and ((run_dir / "ann.safetensors").is_file() or latest_checkpoint(run_dir / "checkpoints" / "ann"))
-    if cfg.model.threshold_init == "data" and not ann_from_run_dir:
+    if cfg.model.threshold_init == "data" and thresholds_lacking and not ann_from_run_dir:
         # λ from the inputs each QCFS sees (a high percentile), so training starts with every
         # level in use; BN statistics too unless they come from trained weights.
         batches = [images for images, _ in itertools.islice(iter(DataLoader(train_set, batch_size=cfg.data.batch_size, shuffle=True)), 8)]
@@ -273,9 +275,11 @@ def main(argv: list[str]) -> dict:
         set_seed(cfg.seed)  # the same RNG stream whether or not the ANN was trained in this process (resume)
         history = []
         for phase in phases:
+            wrapped = TimeAveraged(snn, phase, bn=cfg.finetune.bn, per_step=cfg.finetune.loss == "tet",
+                                   timesteps_choices=cfg.finetune.timesteps_choices, seed=cfg.seed,
+                                   teacher=ann if cfg.finetune.distill else None)
             phase_history = fit(
-                TimeAveraged(snn, phase, bn=cfg.finetune.bn, per_step=cfg.finetune.loss == "tet",
-                             timesteps_choices=cfg.finetune.timesteps_choices, seed=cfg.seed),
+                wrapped,
                 train_loader,
                 cfg=cfg.finetune,
                 accelerator=accelerator,
@@ -283,7 +287,8 @@ def main(argv: list[str]) -> dict:
                 evaluate=lambda m: evaluate_snn(m.snn, eval_loader, [m.timesteps], accelerator)[0],
                 resume=cfg.resume,
                 log=log,
-                loss_fn=(lambda out, y: tet_loss(out, y, cfg.finetune.label_smoothing)) if cfg.finetune.loss == "tet" else None,
+                loss_fn=finetune_loss(wrapped, loss=cfg.finetune.loss, label_smoothing=cfg.finetune.label_smoothing,
+                                      distill=cfg.finetune.distill, temperature=cfg.finetune.distill_temperature),
                 label=f"SNN T={phase}",
             )
             history += [{**entry, "timesteps": phase} for entry in phase_history]

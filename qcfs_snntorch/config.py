@@ -35,7 +35,7 @@ class ModelConfig:
     name: str = "test_resnet"  # any timm model name
     levels: int = 4  # QCFS quantization levels L
     threshold: float = 8.0  # initial λ of every QCFS (with threshold_init=fixed)
-    threshold_init: str = "fixed"  # fixed | data: λ = a percentile of each layer's inputs on a few batches
+    threshold_init: str = "fixed"  # fixed | data: λ = a percentile of each layer's inputs, where the weights bring no λ
     threshold_percentile: float = 99.9
     activations: list[str] = field(default_factory=lambda: ["relu"])  # groups replaced by QCFS
     cifar_stem: bool = False  # 3×3 stride-1 stem, no stem pooling (ResNet family)
@@ -101,6 +101,8 @@ class FinetuneConfig(OptimConfig):
     loss: str = "mean"  # mean: CE of the mean output | tet: mean of per-step CEs (Deng et al., 2022)
     timesteps_choices: list[int] = field(default_factory=list)  # draw T per batch from these (one model, several T)
     progressive: list[int] = field(default_factory=list)  # fine-tune at these T first, in order (e.g. [4]), then at timesteps
+    distill: float = 0.0  # weight of distillation from the ANN: loss = (1 − distill)·CE + distill·KD
+    distill_temperature: float = 2.0
 
 @dataclass
 class RunConfig:
@@ -202,10 +204,15 @@ def validate(cfg: RunConfig) -> None:
     for stage in cfg.stages:
         _choice(stage, STAGES, "stages[]")
     _choice(cfg.data.name, DATASETS, "data.name")
+    if cfg.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as the boolean false
+        cfg.mixed_precision = "no"
     _choice(cfg.mixed_precision, ("no", "bf16", "fp16"), "mixed_precision")
     _choice(cfg.finetune.surrogate, tuple(SURROGATES), "finetune.surrogate")
     _choice(cfg.finetune.bn, ("frozen", "train"), "finetune.bn")
     _choice(cfg.finetune.loss, ("mean", "tet"), "finetune.loss")
+    if not 0 <= cfg.finetune.distill <= 1:
+        raise ConfigError(f"finetune.distill must be in [0, 1] (the weight of the distillation term), got {cfg.finetune.distill!r}")
+    _positive(cfg.finetune.distill_temperature, "finetune.distill_temperature")
     for t in cfg.finetune.timesteps_choices:
         _positive(t, "finetune.timesteps_choices[]")
     for t in cfg.finetune.progressive:

@@ -29,7 +29,8 @@ def test_quickstart_tiny_budget_writes_report(tmp_path):
     assert len(report["snn"]["top1"]) == 4 and all(0 <= a <= 1 for a in report["snn"]["top1"])
     ft = report["finetune"]
     assert ft["timesteps"] == 2 and 0 <= ft["top1_before"] <= 1 and 0 <= ft["top1_after"] <= 1
-    assert set(report["stages"]) == {"train", "convert", "eval", "finetune", "export"}
+    assert set(report["stages"]) == {"train", "convert", "eval", "calibrate", "finetune", "export"}
+    assert report["calibration"]["timesteps"] == [1, 2, 4] and len(report["calibration"]["top1"]) == 3
     assert all(s["seconds"] >= 0 for s in report["stages"].values())
     assert report["spikes"]["totals"]["snn_energy_uj"] > 0 and report["spikes"]["energy_model"]["pj_per_ac"] == 0.9
     assert len(report["conversion_error"]["layers"]) == report["convert"]["neurons"]
@@ -94,7 +95,8 @@ def test_start_from_a_trained_relu_network(tmp_path):
     relu_top1 = json.loads((relu / "report.json").read_text())["ann"]["top1"]
     assert relu_top1 > 0.8
 
-    strict = launch(f"model.checkpoint={relu / 'ann.safetensors'}", "stages=[convert,eval]", f"output_dir={tmp_path / 'x'}")
+    strict = launch(f"model.checkpoint={relu / 'ann.safetensors'}", "model.threshold_init=fixed", "stages=[convert,eval]",
+                    f"output_dir={tmp_path / 'x'}")
     assert strict.returncode == 2 and "missing" in strict.stderr  # λ absent: only allowed with threshold_init=data
 
     qcfs = tmp_path / "qcfs"

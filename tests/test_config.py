@@ -25,6 +25,11 @@ def test_overrides_are_typed():
     assert cfg.model.kwargs == {"drop_rate": 0.1}
 
 
+def test_mixed_precision_no_survives_yaml_reading_it_as_false():
+    assert load_config(["mixed_precision=no"]).mixed_precision == "no"
+    assert load_config(["recipe=resnet18_cifar10", "mixed_precision=no"]).mixed_precision == "no"
+
+
 @pytest.mark.parametrize(
     "overrides, pattern",
     [
@@ -42,6 +47,8 @@ def test_overrides_are_typed():
         (["data.name=imagefolder"], r"needs data.root"),
         (["epochs"], r"key.sub=value"),
         (["resume=true"], r"resume=true needs run_dir"),
+        (["finetune.distill=1.5"], r"finetune.distill must be in \[0, 1\]"),
+        (["finetune.distill_temperature=0"], r"finetune.distill_temperature must be > 0"),
     ],
 )
 def test_bad_input_is_named_with_valid_choices(overrides, pattern):
