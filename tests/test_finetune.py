@@ -70,7 +70,8 @@ def test_distillation_loss_is_zero_only_when_the_student_matches():
     teacher = torch.randn(4, 5)
     assert distillation_loss(teacher.clone(), teacher).item() == pytest.approx(0.0, abs=1e-6)
     assert distillation_loss(torch.randn(4, 5), teacher).item() > 0.01
-    per_step = torch.stack([teacher, teacher + 1.0, torch.randn(4, 5)])  # a shift of every logit changes nothing
+    assert distillation_loss(teacher + 1.0, teacher).item() == pytest.approx(0.0, abs=1e-6)  # softmax ignores a shift
+    per_step = torch.stack([teacher, teacher + 1.0, torch.randn(4, 5)])
     expected = torch.stack([distillation_loss(o, teacher) for o in per_step]).mean()
     torch.testing.assert_close(distillation_loss(per_step, teacher), expected)
 
