@@ -19,7 +19,6 @@ places (or in a loop) is refused too: converted, the places would share one memb
 from __future__ import annotations
 
 import ast
-import builtins
 import inspect
 import operator
 import textwrap
@@ -31,11 +30,13 @@ import torch.fx
 import torch.nn.functional as F
 from timm.layers import activations as timm_act
 from timm.layers import activations_me as timm_act_me
-from timm.layers._fx import get_notrace_functions, is_notrace_module
 from torch import nn
 
+from .activations import activation_classes
+from .models import create_model
 from .neurons import MultiStepNeuron
 from .qcfs import QCFS
+from .tracing import MISSING, forward_function, has_own_forward, is_hashable, resolve_name, trace_own_forward
 
 __all__ = ["Problem", "CheckReport", "ConversionError", "check"]
 
@@ -105,16 +106,7 @@ _MODULE_RULES: list[tuple[tuple[type, ...], str]] = [
     ),
     ((nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm, nn.RMSNorm), "norm"),
     ((nn.MultiheadAttention,), "attention"),
-    (
-        (
-            nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
-            nn.SiLU, nn.Mish, nn.Hardswish, nn.Softplus, nn.Hardtanh, nn.Softsign, nn.Tanhshrink,
-            timm_act.Swish, timm_act.Mish, timm_act.HardSwish, timm_act.HardMish, timm_act.GELU,
-            timm_act.GELUTanh, timm_act.QuickGELU, timm_act_me.SwishMe, timm_act_me.MishMe,
-            timm_act_me.HardSwishMe, timm_act_me.HardMishMe,
-        ),
-        "activation",
-    ),
+    (activation_classes(), "activation"),
 ]
 
 _NONLINEAR_FUNCTIONS = {
@@ -164,73 +156,6 @@ _BILINEAR_METHODS = {**dict.fromkeys(("mul", "mul_", "div", "div_"), "gate"), **
 # Shapes and dtypes of a signal are static at trace time, not signals.
 _STATIC_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda"}
 _STATIC_METHODS = {"size", "dim", "numel", "type_as"}
-
-
-class _LeafTracer(torch.fx.Tracer):
-    """Traces a whole network, keeping QCFS, neurons and torch.nn layers as leaves.
-
-    Every QCFS / neuron stays a ``call_module`` node of its own (the engine and the
-    exporters rely on that). timm's no-trace modules (the ones symbolic tracing cannot
-    enter, e.g. ``Conv2dSame``) are leaves too, as timm's own FX feature extraction does,
-    unless they contain an activation (``BatchNormAct2d``), which must stay visible.
-    """
-
-    def __init__(self):
-        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (QCFS, MultiStepNeuron)):
-            return True
-        if is_notrace_module(type(m)):
-            return not any(isinstance(sub, (QCFS, MultiStepNeuron)) for sub in m.modules())
-        return super().is_leaf_module(m, qualname)
-
-
-class _ShallowTracer(torch.fx.Tracer):
-    """Traces one module's own forward: every submodule it calls is a leaf."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return True
-
-
-def has_own_forward(module: nn.Module) -> bool:
-    """True if the module's forward is code outside torch.nn (its ops are not covered by class rules)."""
-    if isinstance(module, (QCFS, MultiStepNeuron)):
-        return False
-    return not type(module).__module__.startswith("torch.nn")
-
-
-def forward_function(module: nn.Module):
-    """The function ``module(x)`` runs: its class's ``forward``, or one set on the instance
-    (timm's FasterNet picks ``self.forward = self.forward_split_cat`` at init)."""
-    bound = module.__dict__.get("forward")
-    if inspect.ismethod(bound) and bound.__self__ is module:
-        return bound.__func__
-    return type(module).forward
-
-
-def trace_own_forward(module: nn.Module) -> torch.fx.Graph:
-    """The fx graph of ``module.forward`` with every submodule as a leaf; raises if it does not trace.
-
-    Optional arguments with non-tensor defaults (``pre_logits=False``, ``mask=None``) are
-    fixed to their defaults: they are what the parent passes in the common case, and a
-    symbolic flag would stop tracing at the first ``if``.
-    """
-    params = list(inspect.signature(module.forward).parameters.values())[1:]  # after the input
-    concrete = {
-        p.name: p.default
-        for p in params
-        if p.kind is p.POSITIONAL_OR_KEYWORD
-        and p.default is not inspect.Parameter.empty
-        and not isinstance(p.default, torch.Tensor)
-    }
-    cls, forward = type(module), forward_function(module)
-    if forward is not cls.forward:  # fx traces type(root).forward: lend the instance a class with its own
-        module.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
-    try:
-        return _ShallowTracer().trace(module, concrete_args=concrete or None)
-    finally:
-        module.__class__ = cls
 
 
 def _dynamic_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
@@ -317,23 +242,6 @@ def _scan(model: nn.Module) -> tuple[list[Problem], int, list[str], list[str]]:
     return problems, len(uses), untraced, notes
 
 
-MISSING = object()
-
-
-def resolve_name(expr: ast.expr, module: nn.Module, globals_: dict):
-    """The object a dotted name in ``module``'s forward refers to (``self.relu``, ``F.relu``), or MISSING."""
-    attrs = []
-    while isinstance(expr, ast.Attribute):
-        attrs.append(expr.attr)
-        expr = expr.value
-    if not isinstance(expr, ast.Name):
-        return MISSING
-    obj = module if expr.id == "self" else globals_.get(expr.id, getattr(builtins, expr.id, MISSING))
-    for attr in reversed(attrs):
-        obj = getattr(obj, attr, MISSING)
-    return obj
-
-
 def _source_problems(module: nn.Module, where: str, uses: dict, calls: Counter) -> list[Problem] | None:
     """Fallback for a forward fx cannot trace: find the same ops by name in its source.
 
@@ -356,7 +264,7 @@ def _source_problems(module: nn.Module, where: str, uses: dict, calls: Counter) 
             op = ast.unparse(node.func)
             if target in uses:
                 calls[target] += 2 if in_loop else 1
-            elif target is not MISSING and _hashable(target) and target in _NONLINEAR_FUNCTIONS:
+            elif target is not MISSING and is_hashable(target) and target in _NONLINEAR_FUNCTIONS:
                 kind = _NONLINEAR_FUNCTIONS[target]
                 problems.append(Problem(where, op, REASONS[kind], kind))
             elif target is MISSING and isinstance(node.func, ast.Attribute) and node.func.attr in _NONLINEAR_METHODS:
@@ -369,14 +277,6 @@ def _source_problems(module: nn.Module, where: str, uses: dict, calls: Counter) 
     return problems
 
 
-def _hashable(obj) -> bool:
-    try:
-        hash(obj)
-    except TypeError:
-        return False
-    return True
-
-
 def check(model_or_name, **create_kwargs) -> CheckReport:
     """Report whether a model (or a timm name, built with :func:`create_model`) converts.
 
@@ -385,8 +285,6 @@ def check(model_or_name, **create_kwargs) -> CheckReport:
     :class:`ConversionError` carrying the same report.
     """
     if isinstance(model_or_name, str):
-        from .models import create_model
-
         create_kwargs.setdefault("num_classes", 10)
         model = create_model(model_or_name, **create_kwargs)
         label = model_or_name

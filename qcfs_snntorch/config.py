@@ -16,15 +16,22 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 __all__ = [
+    "CALIBRATION_METHODS",
     "ConfigError",
+    "RULES",
     "RunConfig",
+    "SCHEDULER_NAMES",
     "STAGES",
-    "load_config",
+    "SURROGATE_NAMES",
+    "from_yaml_file",
     "list_recipes",
+    "load_config",
+    "schema_keys",
+    "to_yaml",
     "validate",
 ]
 
-STAGES = ("check", "train", "convert", "eval", "finetune", "export")
+STAGES = ("check", "train", "convert", "eval", "calibrate", "finetune", "export")
 DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "imagenet")
 
 class ConfigError(ValueError):
@@ -39,7 +46,8 @@ class ModelConfig:
     threshold_percentile: float = 99.9
     activations: list[str] = field(default_factory=lambda: ["relu"])  # groups replaced by QCFS
     cifar_stem: bool = False  # 3×3 stride-1 stem, no stem pooling (ResNet family)
-    pretrained: bool = False  # timm weights (needs the hub, or HF_HUB_OFFLINE with a cache)
+    pretrained: bool = False  # start from timm's weights (from the Hugging Face hub, or its cache with HF_HUB_OFFLINE=1)
+    pretrained_file: str | None = None  # a local copy of timm's weights (.safetensors or .pth), for machines without the hub
     checkpoint: str | None = None  # ANN weights (.safetensors) to start from / convert
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
 
@@ -54,6 +62,7 @@ class DataConfig:
     download: bool = False  # torchvision CIFAR only, needs the internet
     autoaugment: bool = False  # CIFAR policy
     cutout: int = 0  # side of the Cutout square in pixels, 0 = off
+    val_split: float = 0.1  # fraction of each class of the training split held out for every choice a run makes
     train_subset: int | None = None  # a fixed random subset, for quick runs
     eval_subset: int | None = None
 
@@ -75,7 +84,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig(OptimConfig):
-    pass
+    levels_choices: list[int] = field(default_factory=list)  # draw every QCFS's L per batch from these (holds at every L)
 
 @dataclass
 class SNNConfig:
@@ -98,7 +107,9 @@ class FinetuneConfig(OptimConfig):
     surrogate_width: float = 1.0  # in units of θ
     learn_threshold: bool = False
     bn: str = "frozen"  # frozen: running stats fixed | train: stats over time-folded batches
-    loss: str = "mean"  # mean: CE of the mean output | tet: mean of per-step CEs (Deng et al., 2022)
+    loss: str = "mean"  # mean: CE of the mean output | tet: TET (Deng et al., ICLR 2022): per-step CEs + an MSE term
+    tet_weight: float = 0.001  # TET's λ: weight of the mean squared distance of every step's output to tet_target
+    tet_target: float = 1.0  # TET's φ
     timesteps_choices: list[int] = field(default_factory=list)  # draw T per batch from these (one model, several T)
     progressive: list[int] = field(default_factory=list)  # fine-tune at these T first, in order (e.g. [4]), then at timesteps
     distill: float = 0.0  # weight of distillation from the ANN: loss = (1 − distill)·CE + distill·KD
@@ -121,7 +132,13 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 def _recipe_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "recipes"
+    """``$QCFS_SNNTORCH_RECIPES``, else the checkout's ``recipes/`` (beside the package), else ``./recipes``."""
+    import os
+
+    if os.environ.get("QCFS_SNNTORCH_RECIPES"):
+        return Path(os.environ["QCFS_SNNTORCH_RECIPES"])
+    beside = Path(__file__).resolve().parent.parent / "recipes"
+    return beside if beside.is_dir() else Path.cwd() / "recipes"
 
 def list_recipes(recipe_dir: Path | None = None) -> list[str]:
     return sorted(p.stem for p in (recipe_dir or _recipe_dir()).glob("*.yaml"))
@@ -170,7 +187,7 @@ def load_config(overrides: list[str] | None = None, recipe_dir: Path | None = No
     recipe = cli.pop("recipe", None) or schema.recipe
     if not isinstance(recipe, str):
         raise ConfigError(f"recipe must be a name, got {recipe!r}")
-    path = recipe_dir / f"{recipe}.yaml"
+    path = Path(recipe) if recipe.endswith((".yaml", ".yml")) else recipe_dir / f"{recipe}.yaml"  # a name or a file
     if not path.is_file():
         raise ConfigError(f"unknown recipe {recipe!r} (looked for {path}); valid recipes: {', '.join(list_recipes(recipe_dir))}")
     try:
@@ -184,82 +201,198 @@ def load_config(overrides: list[str] | None = None, recipe_dir: Path | None = No
     validate(run)
     return run
 
-def _choice(value, valid, key):
-    if value not in valid:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
+# The valid choices of keys whose values name things elsewhere in the package. config.py imports
+# nothing of the package (it is the ground floor); tests check these against the tables they name
+# (neurons.SURROGATES, calibration.METHODS, training.SCHEDULERS).
+SURROGATE_NAMES = ("triangle", "rectangle", "atan", "sigmoid")
+CALIBRATION_METHODS = ("layer", "channel")
+SCHEDULER_NAMES = ("cosine", "tanh", "step", "multistep", "poly", "none")
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
+# Keys whose values are checked where they are used, before any work: a model name, its kwargs and
+# activation groups by create_model (ModelError), files and folders when they are opened.
+CHECKED_WHEN_USED = frozenset({"recipe", "model.name", "model.activations", "model.kwargs", "model.checkpoint",
+                               "model.pretrained_file", "data.root", "output_dir", "run_dir"})
 
-def _positive(value, key, allow_zero=False):
-    if value is None:
+
+def _fail(key: str, value, valid: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r} is not valid: {valid}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(low: int | None = None, high: int | None = None):
+    def check(key, value):
+        if not _is_int(value) or (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"≥ {low}" if high is None else f"in [{low}, {high}]"
+            raise _fail(key, value, f"an integer {bounds}")
+    return check
+
+
+def _number(low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False):
+    def check(key, value):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+        ok = ok and (value > low if low_open else value >= low)
+        ok = ok and (high is None or (value < high if high_open else value <= high))
+        if not ok:
+            left, right = "(" if low_open else "[", ")" if high_open or high is None else "]"
+            raise _fail(key, value, f"a number in {left}{low}, {'∞' if high is None else high}{right}")
+    return check
+
+
+def _choice(valid):
+    def check(key, value):
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, valid))}")
+    return check
+
+
+def _optional(rule):
+    def check(key, value):
+        if value is not None:
+            rule(key, value)
+    return check
+
+
+def _each(rule, *, nonempty: bool = False, example: str = ""):
+    def check(key, values):
+        if nonempty and not values:
+            raise ConfigError(f"{key} is empty; give at least one value{example}")
+        for value in values:
+            rule(f"{key}[]", value)
+    return check
+
+
+def _anything(key, value):
+    pass
+
+
+def _optimizer(key, value):
+    from timm.optim import list_optimizers
+
+    if value not in list_optimizers():
+        import difflib
+
+        close = difflib.get_close_matches(str(value), list_optimizers(), n=3, cutoff=0.6)
+        hint = f"closest timm optimizers: {', '.join(close)}" if close else "see timm.optim.list_optimizers()"
+        raise ConfigError(f"{key}={value!r} is not a timm optimizer; {hint}")
+
+
+_POSITIVE, _COUNT = _integer(1), _integer(0)
+_OPTIM = {
+    "epochs": _COUNT, "optimizer": _optimizer, "lr": _number(0), "momentum": _number(0, 1, high_open=True),
+    "weight_decay": _number(0), "decay_bias_and_norm": _anything, "scheduler": _choice(SCHEDULER_NAMES),
+    "warmup_epochs": _COUNT, "label_smoothing": _number(0, 1, high_open=True), "grad_accum_steps": _POSITIVE,
+    "max_grad_norm": _optional(_number(0, low_open=True)), "max_steps_per_epoch": _optional(_POSITIVE),
+    "checkpoint_every_steps": _optional(_POSITIVE),
+}
+RULES: dict[str, callable] = {
+    "stages": _each(_choice(STAGES), nonempty=True, example=f" of {', '.join(STAGES)}"),
+    "seed": _integer(0, 2**32 - 1), "resume": _anything, "mixed_precision": _choice(("no", "bf16", "fp16")),
+    "log_with": _each(_choice(TRACKERS)),
+    "model.levels": _POSITIVE, "model.threshold": _number(0, low_open=True),
+    "model.threshold_init": _choice(("fixed", "data")),
+    "model.threshold_percentile": _number(0, 100, low_open=True), "model.cifar_stem": _anything,
+    "model.pretrained": _anything,
+    "data.name": _choice(DATASETS), "data.image_size": _optional(_integer(8, 4096)), "data.batch_size": _POSITIVE,
+    "data.eval_batch_size": _POSITIVE, "data.num_workers": _COUNT, "data.download": _anything,
+    "data.autoaugment": _anything, "data.cutout": _COUNT, "data.val_split": _number(0, 0.9),
+    "data.train_subset": _optional(_POSITIVE), "data.eval_subset": _optional(_POSITIVE),
+    **{f"train.{k}": rule for k, rule in _OPTIM.items()},
+    "train.levels_choices": _each(_POSITIVE),
+    "snn.timesteps": _each(_POSITIVE, nonempty=True, example=", e.g. [1,2,4,8]"),
+    "snn.chunk_size": _optional(_POSITIVE), "snn.fold_bn": _anything,
+    "snn.calibrate": _each(_choice(CALIBRATION_METHODS)), "snn.calibrate_timesteps": _each(_POSITIVE),
+    "snn.calibrate_samples": _POSITIVE, "snn.stats_timesteps": _POSITIVE, "snn.stats_samples": _POSITIVE,
+    **{f"finetune.{k}": rule for k, rule in _OPTIM.items()},
+    "finetune.timesteps": _POSITIVE, "finetune.surrogate": _choice(SURROGATE_NAMES),
+    "finetune.surrogate_width": _number(0, low_open=True), "finetune.learn_threshold": _anything,
+    "finetune.bn": _choice(("frozen", "train")), "finetune.loss": _choice(("mean", "tet")),
+    "finetune.timesteps_choices": _each(_POSITIVE), "finetune.progressive": _each(_POSITIVE),
+    "finetune.distill": _number(0, 1), "finetune.distill_temperature": _number(0, low_open=True),
+    "finetune.tet_weight": _number(0, 1, high_open=True), "finetune.tet_target": _number(-1e6, 1e6),
+}
+
+
+def _value(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _optimizer_and_schedule(section: str, opt) -> None:
+    """Build the optimizer and schedule on a dummy parameter: whatever timm refuses is refused here, before any work."""
+    import torch
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    dummy = torch.nn.Linear(1, 1)
+    try:
+        optimizer = create_optimizer_v2(dummy, opt=opt.optimizer, lr=opt.lr, weight_decay=opt.weight_decay,
+                                        momentum=opt.momentum, filter_bias_and_bn=not opt.decay_bias_and_norm)
+    except (ValueError, AssertionError, KeyError, TypeError) as exc:
+        raise ConfigError(f"timm cannot build {section}.optimizer={opt.optimizer!r} with {section}.momentum={opt.momentum}, "
+                          f"{section}.lr={opt.lr}: {exc or type(exc).__name__} (momentum must be > 0 for sgd/nesterov; "
+                          f"use optimizer=momentum or adamw otherwise)") from None
+    if opt.scheduler == "none":
         return
-    ok = value >= 0 if allow_zero else value > 0
-    if not ok:
-        raise ConfigError(f"{key} must be {'≥ 0' if allow_zero else '> 0'}, got {value!r}")
+    try:
+        create_scheduler_v2(optimizer, sched=opt.scheduler, num_epochs=max(opt.epochs, 1), warmup_epochs=opt.warmup_epochs,
+                            step_on_epochs=False, updates_per_epoch=10)
+    except (ValueError, AssertionError, KeyError, TypeError) as exc:
+        raise ConfigError(f"timm cannot build {section}.scheduler={opt.scheduler!r}: {exc or type(exc).__name__}") from None
 
-def validate(cfg: RunConfig) -> None:
-    """Check values the type system cannot: choices, ranges, stage dependencies."""
-    from .neurons import SURROGATES
 
-    if not cfg.stages:
-        raise ConfigError(f"stages is empty; choose from: {', '.join(STAGES)}")
-    for stage in cfg.stages:
-        _choice(stage, STAGES, "stages[]")
-    _choice(cfg.data.name, DATASETS, "data.name")
-    if cfg.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as the boolean false
-        cfg.mixed_precision = "no"
-    _choice(cfg.mixed_precision, ("no", "bf16", "fp16"), "mixed_precision")
-    _choice(cfg.finetune.surrogate, tuple(SURROGATES), "finetune.surrogate")
-    _choice(cfg.finetune.bn, ("frozen", "train"), "finetune.bn")
-    _choice(cfg.finetune.loss, ("mean", "tet"), "finetune.loss")
-    if not 0 <= cfg.finetune.distill <= 1:
-        raise ConfigError(f"finetune.distill must be in [0, 1] (the weight of the distillation term), got {cfg.finetune.distill!r}")
-    _positive(cfg.finetune.distill_temperature, "finetune.distill_temperature")
-    for t in cfg.finetune.timesteps_choices:
-        _positive(t, "finetune.timesteps_choices[]")
-    for t in cfg.finetune.progressive:
-        _positive(t, "finetune.progressive[]")
-    _positive(cfg.model.levels, "model.levels")
-    _positive(cfg.model.threshold, "model.threshold")
-    _choice(cfg.model.threshold_init, ("fixed", "data"), "model.threshold_init")
-    if not 0 < cfg.model.threshold_percentile <= 100:
-        raise ConfigError(f"model.threshold_percentile must be in (0, 100], got {cfg.model.threshold_percentile!r}")
-    if not cfg.snn.timesteps:
-        raise ConfigError("snn.timesteps is empty; give a list of positive step counts, e.g. [1,2,4,8]")
-    for t in cfg.snn.timesteps:
-        _positive(t, "snn.timesteps[]")
-    _positive(cfg.snn.chunk_size, "snn.chunk_size")
-    _positive(cfg.snn.stats_timesteps, "snn.stats_timesteps")
-    _positive(cfg.snn.calibrate_samples, "snn.calibrate_samples")
-    from .calibrate_snn import METHODS
-
-    for method in cfg.snn.calibrate:
-        _choice(method, METHODS, "snn.calibrate[]")
-    for t in cfg.snn.calibrate_timesteps:
-        _positive(t, "snn.calibrate_timesteps[]")
-    _positive(cfg.snn.stats_samples, "snn.stats_samples")
-    for tracker in cfg.log_with:
-        _choice(tracker, ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"), "log_with[]")
-    _positive(cfg.finetune.timesteps, "finetune.timesteps")
-    _positive(cfg.finetune.surrogate_width, "finetune.surrogate_width")
-    for name, opt in (("train", cfg.train), ("finetune", cfg.finetune)):
-        _positive(opt.epochs, f"{name}.epochs", allow_zero=True)
-        _positive(opt.lr, f"{name}.lr", allow_zero=True)
-        _positive(opt.grad_accum_steps, f"{name}.grad_accum_steps")
-        _positive(opt.max_steps_per_epoch, f"{name}.max_steps_per_epoch")
-        _positive(opt.checkpoint_every_steps, f"{name}.checkpoint_every_steps")
-        _positive(opt.weight_decay, f"{name}.weight_decay", allow_zero=True)
-    for key in ("batch_size", "eval_batch_size", "train_subset", "eval_subset"):
-        _positive(getattr(cfg.data, key), f"data.{key}")
-    _positive(cfg.data.num_workers, "data.num_workers", allow_zero=True)
+def _cross_checks(cfg: RunConfig) -> None:
+    """Rules between keys."""
     if cfg.data.name != "digits" and not cfg.data.root:
         raise ConfigError(f"data.name={cfg.data.name} needs data.root (a dataset folder or a .tar.gz of one)")
-    needs_ann = {"convert", "eval", "finetune", "export"} & set(cfg.stages)
-    if needs_ann and "train" not in cfg.stages and not cfg.model.checkpoint and not cfg.model.pretrained:
+    if cfg.data.name == "digits" and (cfg.data.autoaugment or cfg.data.cutout):
+        raise ConfigError("data.autoaugment and data.cutout are image augmentations for CIFAR/ImageNet-style data; "
+                          "digits (8×8 tensors, data.image_size may enlarge them) has none: leave them off")
+    size = cfg.data.image_size or (8 if cfg.data.name == "digits" else 224 if cfg.data.name == "imagenet" else 32)
+    if cfg.data.cutout > size:
+        raise ConfigError(f"data.cutout={cfg.data.cutout} is larger than the {size}-pixel images; use 0 (off) to {size}")
+    for section in ("train", "finetune"):
+        opt = getattr(cfg, section)
+        if opt.epochs and opt.warmup_epochs > opt.epochs:
+            raise ConfigError(f"{section}.warmup_epochs={opt.warmup_epochs} is more than {section}.epochs={opt.epochs}")
+        _optimizer_and_schedule(section, opt)
+    if cfg.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("mixed_precision=fp16 needs a CUDA GPU (on a CPU it does nothing); use no, or bf16 on a GPU")
+    if "calibrate" in cfg.stages and not cfg.snn.calibrate:
+        raise ConfigError(f"stages has calibrate but snn.calibrate is empty; give snn.calibrate=[channel] (or "
+                          f"{', '.join(CALIBRATION_METHODS)})")
+    needs_ann = {"convert", "eval", "calibrate", "finetune", "export"} & set(cfg.stages)
+    if needs_ann and "train" not in cfg.stages and not (cfg.model.checkpoint or cfg.model.pretrained or cfg.model.pretrained_file):
         raise ConfigError(
             f"stages {cfg.stages} need a trained ANN: add 'train' to stages or give model.checkpoint=PATH "
             "(e.g. runs/<run>/ann.safetensors)"
         )
     if cfg.resume and not cfg.run_dir:
         raise ConfigError("resume=true needs run_dir=PATH, the run directory to continue")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check every value the type system cannot (ranges, choices), key by key, then the rules between keys.
+
+    Every schema key has a rule in :data:`RULES` or is in :data:`CHECKED_WHEN_USED`
+    (tests/test_config.py checks both directions).
+    """
+    if cfg.mixed_precision in ("False", "false"):  # YAML reads a bare `no` as the boolean false
+        cfg.mixed_precision = "no"
+    for key, rule in RULES.items():
+        rule(key, _value(cfg, key))
+    _cross_checks(cfg)
+
+
+def schema_keys() -> list[str]:
+    """Every leaf key of the schema (``model.kwargs`` counts as one)."""
+    return _valid_keys(OmegaConf.structured(RunConfig))
 
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -11,10 +11,11 @@ from timm.layers._fx import is_notrace_module
 from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
-from .check import ConversionError, _LeafTracer, check
+from .check import ConversionError, check
 from .neurons import IFNeuron
 from .qcfs import QCFS
 from .spiking import SpikingModel
+from .tracing import LeafTracer
 
 __all__ = ["convert", "fold_batchnorm"]
 
@@ -57,7 +58,7 @@ def _bn_replacement(bn: nn.Module) -> nn.Module | None:
     return None
 
 
-class _FoldTracer(_LeafTracer):
+class _FoldTracer(LeafTracer):
     """For finding conv → BN pairs only: every timm no-trace module is a leaf, so
     ``BatchNormAct2d`` is one foldable node and VGG's head (which does not trace) is opaque."""
 
@@ -101,6 +102,7 @@ def convert(
     surrogate: str = "triangle",
     surrogate_width: float = 1.0,
     chunk_size: int | None = None,
+    verify: bool = True,
 ) -> SpikingModel:
     """Convert a network with QCFS activations into a :class:`SpikingModel`.
 
@@ -112,13 +114,15 @@ def convert(
         learn_threshold: make θ a parameter (for hybrid fine-tuning).
         surrogate, surrogate_width: surrogate gradient of the firing rule, width in units of θ.
         chunk_size: most time steps per folded forward (memory bound at large T).
+        verify: run :func:`~qcfs_snntorch.check` first (skip it only for a model already checked).
 
     Raises:
         ConversionError: listing every module or functional op that cannot be converted.
     """
-    report = check(model)
-    if not report.convertible:
-        raise ConversionError(report)
+    if verify:
+        report = check(model)
+        if not report.convertible:
+            raise ConversionError(report)
     net = copy.deepcopy(model)
     if fold_bn:
         fold_batchnorm(net)

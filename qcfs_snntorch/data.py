@@ -17,7 +17,18 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets
 from torchvision import transforms as T
 
-__all__ = ["DataError", "DatasetInfo", "build_datasets", "extract_archive"]
+__all__ = [
+    "DataError",
+    "DataSplits",
+    "DatasetInfo",
+    "Transformed",
+    "build_datasets",
+    "class_balanced_indices",
+    "extract_archive",
+    "labels_of",
+    "random_indices",
+    "sample_batch",
+]
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -108,11 +119,21 @@ def _split_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
 
 
 def _transforms(image_size: int, mean, std, *, train: bool, autoaugment: bool, cutout: int):
-    if image_size <= 64:  # CIFAR-style: pad-and-crop, flip
-        ops = [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()] if train else [T.Resize(image_size), T.CenterCrop(image_size)]
-        if train and autoaugment:
-            ops.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
-    else:  # ImageNet-style
+    """Training and evaluation transforms that show the network the same scale.
+
+    Small images (≤ 64 px, CIFAR-style): every image is first resized to ``image_size``
+    (shorter side) and centre-cropped, in training too, then training pads and crops and
+    flips; a data set of 28-pixel images is thus trained and tested on the same 32-pixel
+    content. Large images (ImageNet-style): random resized crop for training, resize to
+    256/224 of the size and centre crop for evaluation (the usual pairing).
+    """
+    if image_size <= 64:
+        ops = [T.Resize(image_size), T.CenterCrop(image_size)]
+        if train:
+            ops += [T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()]
+            if autoaugment:
+                ops.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
+    else:
         ops = (
             [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
             if train
@@ -126,21 +147,124 @@ def _transforms(image_size: int, mean, std, *, train: bool, autoaugment: bool, c
     return T.Compose(ops)
 
 
-def _digits() -> tuple[Dataset, Dataset, DatasetInfo]:
+class Transformed(Dataset):
+    """``base[i]`` (an image and its label) with ``transform`` applied to the image."""
+
+    def __init__(self, base: Dataset, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        image, label = self.base[index]
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+def labels_of(dataset: Dataset) -> list[int]:
+    """Every item's label, read without loading an image (ImageFolder, CIFAR, tensors, subsets)."""
+    if isinstance(dataset, Subset):
+        labels = labels_of(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
+    if isinstance(dataset, Transformed):
+        return labels_of(dataset.base)
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].tolist()
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        raise TypeError(f"cannot read the labels of a {type(dataset).__name__} without loading it")
+    return [int(t) for t in targets]
+
+
+def class_balanced_indices(labels: list[int], count: int, seed: int) -> list[int]:
+    """``count`` indices drawn without replacement, as evenly over the classes as they allow.
+
+    Classes take turns (each in its own seeded random order), so every class is in a
+    sample of at least as many items as there are classes, whatever order the data set
+    keeps (an ImageFolder is sorted by class).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    queues = [[members[i] for i in torch.randperm(len(members), generator=gen).tolist()] for _, members in sorted(by_class.items())]
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < min(count, len(labels)):
+        for queue in queues:
+            if depth < len(queue) and len(chosen) < count:
+                chosen.append(queue[depth])
+        depth += 1
+    order = torch.randperm(len(chosen), generator=gen).tolist()  # not grouped by class within a batch
+    return [chosen[i] for i in order]
+
+
+def random_indices(length: int, count: int, seed: int) -> list[int]:
+    """``count`` distinct indices of ``range(length)``, a seeded uniform draw."""
+    return torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:count].tolist()
+
+
+def sample_batch(dataset: Dataset, count: int, seed: int, *, balanced: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random sample of ``dataset`` as one batch (images, labels): class-balanced or uniform.
+
+    What calibration and statistics read: never the first items of a data set, which an
+    ImageFolder sorts by class.
+    """
+    indices = (
+        class_balanced_indices(labels_of(dataset), count, seed) if balanced else random_indices(len(dataset), count, seed)
+    )
+    items = [dataset[i] for i in indices]
+    return torch.stack([image for image, _ in items]), torch.tensor([int(label) for _, label in items])
+
+
+def _stratified_split(labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(kept, held out): ``fraction`` of every class held out, chosen by a seeded draw."""
+    gen = torch.Generator().manual_seed(seed)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    held: list[int] = []
+    for _, members in sorted(by_class.items()):
+        take = int(round(fraction * len(members)))
+        held += [members[i] for i in torch.randperm(len(members), generator=gen)[:take].tolist()]
+    held_set = set(held)
+    return [i for i in range(len(labels)) if i not in held_set], sorted(held)
+
+
+@dataclass
+class DataSplits:
+    """What a run reads.
+
+    - ``train``: training images with the training transform (the validation part held out);
+    - ``calibration``: the same training images with the evaluation transform (λ, BN, v(0));
+    - ``val``: the held-out part of the training split, evaluation transform (None when
+      ``data.val_split`` is 0): every choice during a run (best epoch, calibration) looks here;
+    - ``test``: the data set's own test split, evaluated once at the end of each stage.
+    """
+
+    train: Dataset
+    calibration: Dataset
+    val: Dataset | None
+    test: Dataset
+    info: DatasetInfo
+
+
+def _digits(image_size: int) -> tuple[Dataset, Dataset, DatasetInfo]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if image_size != 8:  # the same digits on a larger canvas, for models that need more pixels
+        images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
     labels = torch.tensor(bunch.target, dtype=torch.long)
     idx_train, idx_test = train_test_split(range(len(labels)), test_size=0.2, random_state=0, stratify=bunch.target)
     train_x = images[idx_train]
     mean, std = train_x.mean(), train_x.std()
-    norm = lambda x: (x - mean) / std  # noqa: E731
-    info = DatasetInfo("digits", 10, 1, 8, tuple(str(c) for c in range(10)))
+    info = DatasetInfo("digits", 10, 1, image_size, tuple(str(c) for c in range(10)))
     return (
-        TensorDataset(norm(train_x), labels[idx_train]),
-        TensorDataset(norm(images[idx_test]), labels[idx_test]),
+        TensorDataset((train_x - mean) / std, labels[idx_train]),
+        TensorDataset((images[idx_test] - mean) / std, labels[idx_test]),
         info,
     )
 
@@ -148,46 +272,65 @@ def _digits() -> tuple[Dataset, Dataset, DatasetInfo]:
 def _subset(ds: Dataset, size: int | None, seed: int) -> Dataset:
     if size is None or size >= len(ds):
         return ds
-    g = torch.Generator().manual_seed(seed)
-    return Subset(ds, torch.randperm(len(ds), generator=g)[:size].tolist())
+    return Subset(ds, random_indices(len(ds), size, seed))
 
 
-def build_datasets(cfg, seed: int = 0) -> tuple[Dataset, Dataset, DatasetInfo]:
-    """(train, eval, info) for a :class:`~qcfs_snntorch.config.DataConfig`."""
+def _image_sets(cfg, size: int) -> tuple[Dataset, Dataset, tuple[str, ...]]:
+    """(train, test) without transforms (PIL images) and the class names, for every non-digits data set."""
+    if cfg.name in ("cifar10", "cifar100"):
+        cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
+        root = Path(cfg.root).expanduser()
+        try:
+            train = cls(root, train=True, download=cfg.download)
+            test = cls(root, train=False, download=cfg.download)
+        except RuntimeError as exc:
+            raise DataError(
+                f"{cfg.name} not found under {str(root)!r} ({exc}). Give data.download=true (needs the internet) "
+                f"or point data.root at torchvision's extracted copy; an ImageFolder copy works with data.name=imagefolder"
+            ) from None
+        return train, test, tuple(train.classes)
+    root = _resolve_root(cfg.root)
+    train_dir = _split_dir(root, ("train",), "training")
+    test_dir = _split_dir(root, ("val", "test", "validation"), "evaluation")
+    try:
+        train = datasets.ImageFolder(train_dir)
+        test = datasets.ImageFolder(test_dir)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise DataError(
+            f"could not read images under {str(root)!r} ({str(exc).splitlines()[0]}). Expected an ImageFolder "
+            f"tree: {root}/train/<class>/<image> and {root}/val/<class>/<image> (or test/), e.g. the CIFAR-10 "
+            "JPEG copy ../shared/data/cifar10-jpeg.tar.gz (data.root may point at the .tar.gz itself)"
+        ) from None
+    if train.classes != test.classes:
+        raise DataError(f"class folders differ between {train_dir} and {test_dir}")
+    return train, test, tuple(train.classes)
+
+
+def build_datasets(cfg, seed: int = 0) -> DataSplits:
+    """The splits of a :class:`~qcfs_snntorch.config.DataConfig` (see :class:`DataSplits`).
+
+    ``cfg.val_split`` of every class of the training split is held out as the validation
+    split (seeded by ``seed``); ``train_subset`` then draws from what is left, and
+    ``eval_subset`` from the validation and the test split alike.
+    """
     if cfg.name == "digits":
-        train, test, info = _digits()
+        train_base, test_base, info = _digits(cfg.image_size or 8)
+        train_tf = eval_tf = None
     else:
         size = cfg.image_size or (224 if cfg.name == "imagenet" else 32)
         mean, std = (CIFAR_MEAN, CIFAR_STD) if size <= 64 else (IMAGENET_MEAN, IMAGENET_STD)
-        tf_train = _transforms(size, mean, std, train=True, autoaugment=cfg.autoaugment, cutout=cfg.cutout)
-        tf_eval = _transforms(size, mean, std, train=False, autoaugment=False, cutout=0)
-        if cfg.name in ("cifar10", "cifar100"):
-            cls = datasets.CIFAR10 if cfg.name == "cifar10" else datasets.CIFAR100
-            root = Path(cfg.root).expanduser()
-            try:
-                train = cls(root, train=True, transform=tf_train, download=cfg.download)
-                test = cls(root, train=False, transform=tf_eval, download=cfg.download)
-            except RuntimeError as exc:
-                raise DataError(
-                    f"{cfg.name} not found under {str(root)!r} ({exc}). Give data.download=true (needs the internet) "
-                    f"or point data.root at torchvision's extracted copy; an ImageFolder copy works with data.name=imagefolder"
-                ) from None
-            classes = tuple(train.classes)
-        else:
-            root = _resolve_root(cfg.root)
-            train_dir = _split_dir(root, ("train",), "training")
-            test_dir = _split_dir(root, ("val", "test", "validation"), "evaluation")
-            try:
-                train = datasets.ImageFolder(train_dir, transform=tf_train)
-                test = datasets.ImageFolder(test_dir, transform=tf_eval)
-            except (FileNotFoundError, RuntimeError) as exc:
-                raise DataError(
-                    f"could not read images under {str(root)!r} ({str(exc).splitlines()[0]}). Expected an ImageFolder "
-                    f"tree: {root}/train/<class>/<image> and {root}/val/<class>/<image> (or test/), e.g. the CIFAR-10 "
-                    "JPEG copy ../shared/data/cifar10-jpeg.tar.gz (data.root may point at the .tar.gz itself)"
-                ) from None
-            if train.classes != test.classes:
-                raise DataError(f"class folders differ between {train_dir} and {test_dir}")
-            classes = tuple(train.classes)
+        train_tf = _transforms(size, mean, std, train=True, autoaugment=cfg.autoaugment, cutout=cfg.cutout)
+        eval_tf = _transforms(size, mean, std, train=False, autoaugment=False, cutout=0)
+        train_base, test_base, classes = _image_sets(cfg, size)
         info = DatasetInfo(cfg.name, len(classes), 3, size, classes)
-    return _subset(train, cfg.train_subset, seed), _subset(test, cfg.eval_subset, seed + 1), info
+    kept, held = _stratified_split(labels_of(train_base), cfg.val_split, seed) if cfg.val_split else (list(range(len(train_base))), [])
+    kept_set = Subset(train_base, kept)
+    kept_set = _subset(kept_set, cfg.train_subset, seed)
+    val = _subset(Transformed(Subset(train_base, held), eval_tf), cfg.eval_subset, seed + 2) if held else None
+    return DataSplits(
+        train=Transformed(kept_set, train_tf),
+        calibration=Transformed(kept_set, eval_tf),
+        val=val,
+        test=_subset(Transformed(test_base, eval_tf), cfg.eval_subset, seed + 1),
+        info=info,
+    )

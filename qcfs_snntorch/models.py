@@ -16,13 +16,10 @@ import inspect
 import textwrap
 from collections import Counter
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import timm
-import torch
-import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
-from timm.layers import activations as timm_act
-from timm.layers import activations_me as timm_act_me
 from timm.layers.adaptive_avgmax_pool import (
     AdaptiveAvgMaxPool2d,
     FastAdaptiveAvgMaxPool,
@@ -32,13 +29,15 @@ from timm.layers.adaptive_avgmax_pool import (
 from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 from torch import nn
 
-from .check import MISSING, _hashable, forward_function, has_own_forward, resolve_name
+from .activations import ACTIVATION_GROUPS, FUNCTIONAL_ACTIVATIONS, register_activation
 from .qcfs import QCFS
+from .tracing import MISSING, forward_function, has_own_forward, is_hashable, resolve_name
 
 __all__ = [
     "ACTIVATION_GROUPS",
     "FUNCTIONAL_ACTIVATIONS",
     "POOL_REPLACEMENTS",
+    "ModelError",
     "UnknownModelError",
     "create_model",
     "replace_activations",
@@ -47,32 +46,6 @@ __all__ = [
     "register_activation",
     "apply_cifar_stem",
 ]
-
-# "relu" is what QCFS approximates with no loss in the ANN; the others are allowed on
-# request because the network is (re)trained with QCFS anyway. Gates (sigmoid, tanh,
-# hard-sigmoid) are never replaced: they multiply, and check() refuses them instead.
-ACTIVATION_GROUPS: dict[str, tuple[type[nn.Module], ...]] = {
-    "relu": (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.RReLU, nn.PReLU),
-    "silu": (nn.SiLU, timm_act.Swish, timm_act_me.SwishMe),
-    "gelu": (nn.GELU, timm_act.GELU, timm_act.GELUTanh, timm_act.QuickGELU),
-    "hardswish": (nn.Hardswish, timm_act.HardSwish, timm_act_me.HardSwishMe),
-    "mish": (nn.Mish, timm_act.Mish, timm_act.HardMish, timm_act_me.MishMe, timm_act_me.HardMishMe),
-    "elu": (nn.ELU, nn.CELU, nn.SELU),
-}
-
-
-# The same groups as called functionally inside a block's forward (``F.relu(x)``,
-# ``x.relu()``); strings are tensor-method names. Used by rewrite_activation_calls.
-FUNCTIONAL_ACTIVATIONS: dict[str, tuple] = {
-    "relu": (F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.leaky_relu_, F.rrelu, "relu", "relu_"),
-    # timm's own functions too: its get_act_fn() hands them out (nfnet's GammaAct).
-    "silu": (F.silu, timm_act.swish, timm_act_me.swish_me),
-    "gelu": (F.gelu, timm_act.gelu, timm_act.gelu_tanh, timm_act.quick_gelu),
-    "hardswish": (F.hardswish, timm_act.hard_swish, timm_act_me.hard_swish_me),
-    "mish": (F.mish, timm_act.mish, timm_act.hard_mish, timm_act_me.mish_me, timm_act_me.hard_mish_me),
-    "elu": (F.elu, F.elu_, F.celu, F.selu, torch.selu),
-}
-
 
 def _max_to_avg(pool: nn.MaxPool2d) -> nn.Module | None:
     if pool.dilation not in (1, (1, 1)):
@@ -100,13 +73,12 @@ POOL_REPLACEMENTS: dict[type[nn.Module], Callable[[nn.Module], nn.Module | None]
 }
 
 
-class UnknownModelError(ValueError):
+class ModelError(ValueError):
+    """A model setting that timm or the QCFS surgery cannot honour; the message names it and what is valid."""
+
+
+class UnknownModelError(ModelError):
     """A model name that timm does not know."""
-
-
-def register_activation(group: str, cls: type[nn.Module]) -> None:
-    """Add an activation class to a replacement group (created if new)."""
-    ACTIVATION_GROUPS[group] = tuple(dict.fromkeys((*ACTIVATION_GROUPS.get(group, ()), cls)))
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -127,7 +99,7 @@ def replace_activations(
     groups = list(groups)
     unknown = [g for g in groups if g not in ACTIVATION_GROUPS]
     if unknown:
-        raise ValueError(f"unknown activation group(s) {unknown}; valid: {sorted(ACTIVATION_GROUPS)}")
+        raise ModelError(f"unknown activation group(s) {unknown}; valid: {sorted(ACTIVATION_GROUPS)}")
     targets = tuple(cls for g in groups for cls in ACTIVATION_GROUPS[g])
     counts: Counter = Counter()
     # remove_duplicate=False: an instance registered under two paths gets a QCFS at each.
@@ -254,7 +226,7 @@ class _CallSiteRewriter(ast.NodeTransformer):
                 self.seen.add(id(target))
                 return node
             return self._call_new_child(node, target, node.args, node.keywords, f"{ast.unparse(node.func)} (repeated call)")
-        function = target if target is not MISSING and _hashable(target) and target in self.functions else None
+        function = target if target is not MISSING and is_hashable(target) and target in self.functions else None
         method = (
             target is MISSING
             and isinstance(node.func, ast.Attribute)
@@ -299,7 +271,7 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     """
     conv1 = getattr(model, "conv1", None)
     if not hasattr(model, "maxpool") or conv1 is None:
-        raise ValueError(
+        raise ModelError(
             f"model.cifar_stem is supported for timm ResNet-family models (with conv1 and "
             f"maxpool attributes), not {type(model).__name__}"
         )
@@ -313,6 +285,36 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     return model
 
 
+def _build_timm(name: str, *, pretrained: bool, pretrained_file: str | None, **kwargs) -> nn.Module:
+    """``timm.create_model`` with every failure a user can cause turned into a :class:`ModelError`."""
+    if pretrained_file is not None:
+        path = Path(pretrained_file).expanduser()
+        if not path.is_file():
+            raise ModelError(f"model.pretrained_file {str(path)!r} does not exist; give a .safetensors or .pth file "
+                             f"of {name}'s weights in timm's format, or model.pretrained=true to download them")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        pretrained = True
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:  # an argument the architecture does not take
+        raise ModelError(f"timm's {name} does not accept these arguments (model.kwargs): {exc}") from None
+    except (RuntimeError, OSError, ValueError) as exc:
+        if not pretrained:
+            raise
+        if pretrained_file is not None:
+            raise ModelError(f"the weights in {pretrained_file!r} do not fit {name} ({_first_line(exc)}); they must "
+                             f"be {name}'s own weights in timm's format") from None
+        raise ModelError(
+            f"could not load timm's pretrained weights for {name} ({_first_line(exc)}). Without access to the "
+            f"Hugging Face hub, download them elsewhere and give model.pretrained_file=PATH (a .safetensors or .pth "
+            f"file in timm's format), or set HF_HUB_OFFLINE=1 with the weights already in the hub cache"
+        ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 def create_model(
     name: str,
     *,
@@ -320,6 +322,7 @@ def create_model(
     levels: int = 4,
     threshold: float = 8.0,
     pretrained: bool = False,
+    pretrained_file: str | None = None,
     activations: Iterable[str] = ("relu",),
     cifar_stem: bool = False,
     model_kwargs: dict | None = None,
@@ -337,21 +340,28 @@ def create_model(
     "calls": {module path: [rewritten ops]}, "pooling": {class: count}}``. Whether the
     result converts is :func:`qcfs_snntorch.check`'s job.
 
-    Extra keyword arguments go to ``timm.create_model``; ``model_kwargs`` does the same for
-    timm arguments whose names collide with this function's (DLA's ``levels``).
+    ``pretrained=True`` starts from timm's weights (from the Hugging Face hub);
+    ``pretrained_file`` from a local copy of them (a ``.safetensors`` or ``.pth`` file in
+    timm's format), for machines without the hub. A classifier of another size is
+    re-initialised, as timm does. Extra keyword arguments go to ``timm.create_model``;
+    ``model_kwargs`` does the same for timm arguments whose names collide with this
+    function's (DLA's ``levels``).
+
+    Raises :class:`ModelError` (:class:`UnknownModelError` for a name timm does not know)
+    for anything a user can get wrong, with what is valid.
     """
     if isinstance(levels, bool) or not isinstance(levels, int) or levels <= 0:
-        raise ValueError(f"levels must be a positive integer, got {levels!r}")
+        raise ModelError(f"levels must be a positive integer, got {levels!r}")
     activations = tuple(activations)
     unknown = [g for g in activations if g not in ACTIVATION_GROUPS]
     if unknown:  # before building: a large model takes seconds
-        raise ValueError(f"unknown activation group(s) {unknown}; valid: {sorted(ACTIVATION_GROUPS)}")
+        raise ModelError(f"unknown activation group(s) {unknown}; valid: {sorted(ACTIVATION_GROUPS)}")
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         closest = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.5)
         hint = f"closest timm names: {', '.join(closest)}" if closest else "see timm.list_models()"
         raise UnknownModelError(f"unknown model {name!r}; {hint}")
     timm_kwargs.update(model_kwargs or {})
-    model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **timm_kwargs)
+    model = _build_timm(name, pretrained=pretrained, pretrained_file=pretrained_file, num_classes=num_classes, **timm_kwargs)
     if cifar_stem:
         model = apply_cifar_stem(model)
     model, act_counts = replace_activations(model, levels=levels, threshold=threshold, groups=activations)

@@ -28,8 +28,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from .check import _LeafTracer
 from .neurons import MultiStepNeuron
+from .tracing import LeafTracer, spiking_neurons
 
 __all__ = ["SpikingModel"]
 
@@ -70,51 +70,61 @@ class _StaticSplit:
     @classmethod
     def build(cls, net: nn.Module) -> _StaticSplit | None:
         try:
-            graph = _LeafTracer().trace(net)
+            graph = LeafTracer().trace(net)
         except Exception:  # data-dependent control flow etc.: run folded
             return None
         modules = dict(net.named_modules())
         inputs = [n for n in graph.nodes if n.op == "placeholder"]
         if len(inputs) != 1:
             return None
-        static: set[torch.fx.Node] = set()  # computed from the input, no neuron upstream
-        varying: set[torch.fx.Node] = set()  # downstream of a neuron
-        for node in graph.nodes:
-            if node.op == "placeholder":
-                static.add(node)
-            elif node.op == "output":
-                continue
-            elif any(a in varying for a in node.all_input_nodes) or (
-                node.op == "call_module" and isinstance(modules[node.target], MultiStepNeuron)
-            ):
-                varying.add(node)
-            elif any(a in static for a in node.all_input_nodes):
-                static.add(node)  # else: a constant (parameters, …), copied where used
+        static, varying = _classify(graph, modules)
         if any(_batch_dependent(n, modules) for n in static):
             return None
         # Head outputs: static values that a varying node or the network's output uses.
         boundary = [n for n in graph.nodes if n in static and any(u not in static for u in n.users)]
         if boundary == inputs:  # a neuron sees the raw input first: nothing to save
             return None
+        return cls(net, *_split_graph(graph, static, varying, boundary))
 
-        head, rest = torch.fx.Graph(), torch.fx.Graph()
-        env_head: dict[torch.fx.Node, torch.fx.Node] = {}
-        env_rest = {n: rest.placeholder(f"static_{i}") for i, n in enumerate(boundary)}
-        constants = set()  # copies of constants (parameters read by get_attr, …), in both graphs
-        for node in graph.nodes:
-            if node.op == "output":
-                head.output(tuple(env_head[n] for n in boundary))
-                rest.output(torch.fx.map_arg(node.args[0], env_rest.__getitem__))
-                continue
-            if node in static or node not in varying:
-                env_head[node] = head.node_copy(node, env_head.__getitem__)
-            if node not in static:
-                env_rest[node] = rest.node_copy(node, env_rest.__getitem__)
-            if node not in static and node not in varying:
-                constants.update((env_head[node], env_rest[node]))
-        for g in (head, rest):  # remove the copies of constants a graph does not use, nothing else
-            g.eliminate_dead_code(is_impure_node=lambda n: n not in constants)
-        return cls(net, head, rest)
+
+def _classify(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> tuple[set, set]:
+    """(static: computed from the input with no neuron upstream, varying: downstream of a neuron)."""
+    static: set[torch.fx.Node] = set()
+    varying: set[torch.fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            static.add(node)
+        elif node.op == "output":
+            continue
+        elif any(a in varying for a in node.all_input_nodes) or (
+            node.op == "call_module" and isinstance(modules[node.target], MultiStepNeuron)
+        ):
+            varying.add(node)
+        elif any(a in static for a in node.all_input_nodes):
+            static.add(node)  # else: a constant (parameters, …), copied where used
+    return static, varying
+
+
+def _split_graph(graph: torch.fx.Graph, static: set, varying: set, boundary: list) -> tuple[torch.fx.Graph, torch.fx.Graph]:
+    """The head (input → boundary values) and the rest (boundary values → output) as two graphs."""
+    head, rest = torch.fx.Graph(), torch.fx.Graph()
+    env_head: dict[torch.fx.Node, torch.fx.Node] = {}
+    env_rest = {n: rest.placeholder(f"static_{i}") for i, n in enumerate(boundary)}
+    constants = set()  # copies of constants (parameters read by get_attr, …), in both graphs
+    for node in graph.nodes:
+        if node.op == "output":
+            head.output(tuple(env_head[n] for n in boundary))
+            rest.output(torch.fx.map_arg(node.args[0], env_rest.__getitem__))
+            continue
+        if node in static or node not in varying:
+            env_head[node] = head.node_copy(node, env_head.__getitem__)
+        if node not in static:
+            env_rest[node] = rest.node_copy(node, env_rest.__getitem__)
+        if node not in static and node not in varying:
+            constants.update((env_head[node], env_rest[node]))
+    for g in (head, rest):  # remove the copies of constants a graph does not use, nothing else
+        g.eliminate_dead_code(is_impure_node=lambda n: n not in constants)
+    return head, rest
 
 
 class SpikingModel(nn.Module):
@@ -139,7 +149,7 @@ class SpikingModel(nn.Module):
             raise ValueError("SpikingModel: the network contains no spiking neuron")
 
     def neurons(self) -> list[MultiStepNeuron]:
-        return [m for m in self.net.modules() if isinstance(m, MultiStepNeuron)]
+        return spiking_neurons(self.net)
 
     def reset(self) -> None:
         """Reset every neuron to its initial potential (start of a new sample)."""

@@ -1,7 +1,7 @@
 """Spike statistics, synaptic operations, an energy estimate and per-layer conversion error.
 
 Everything is returned as plain dicts and lists (JSON-serialisable) so it can go into a
-report as is; :func:`render` prints it as ``rich`` tables.
+report as is; :func:`qcfs_snntorch.pipeline.tables.render` prints it as ``rich`` tables.
 
 Counting conventions (those of the ANN-SNN conversion literature):
 - firing rate: spikes per neuron per step. An IFNeuron outputs spike × θ, so a spike is
@@ -18,51 +18,25 @@ Counting conventions (those of the ANN-SNN conversion literature):
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
-from .check import _LeafTracer
 from .neurons import MultiStepNeuron
-from .qcfs import QCFS
+from .tracing import LeafTracer, eval_mode, forward_hooks, qcfs_layers, spiking_neurons
 
-__all__ = ["PJ_PER_MAC", "PJ_PER_AC", "spike_stats", "conversion_error", "stats_tables", "error_table", "render"]
+__all__ = ["PJ_PER_MAC", "PJ_PER_AC", "spike_stats", "conversion_error"]
 
 PJ_PER_MAC = 4.6
 PJ_PER_AC = 0.9
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-@contextlib.contextmanager
-def _evaluating(*modules: nn.Module):
-    """Eval mode and no autograd for the duration; restores each module's mode after."""
-    modes = [(m, m.training) for mod in modules for m in mod.modules()]
-    try:
-        for mod in modules:
-            mod.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
-@contextlib.contextmanager
-def _hooks(pairs: Iterable[tuple[nn.Module, callable]]):
-    handles = [m.register_forward_hook(fn) for m, fn in pairs]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _analog_layers(net: nn.Module) -> set[str] | None:
     """Names of weighted layers whose input does not depend on any neuron (None if untraceable)."""
     try:
-        graph = _LeafTracer().trace(net)
+        graph = LeafTracer().trace(net)
     except Exception:
         return None
     modules = dict(net.named_modules())
@@ -120,9 +94,9 @@ def spike_stats(
         # MACs per output element = weight[0].numel() for conv (C_in/groups·kernel) and linear (in_features).
         c[2] = output[0].numel() * module.weight[0].numel()
 
-    pairs = [(m, on_neuron) for m in net.modules() if isinstance(m, MultiStepNeuron)]
+    pairs = [(m, on_neuron) for m in spiking_neurons(net)]
     pairs += [(m, on_layer) for m in net.modules() if isinstance(m, _WEIGHTED)]
-    with _evaluating(snn), _hooks(pairs):
+    with eval_mode(snn), forward_hooks(pairs):
         snn(x, timesteps=timesteps)
     if analog is None:  # no trace: a layer that ran before any neuron can only see the input
         analog = set(order[: order.index(None)] if None in order else order)
@@ -189,14 +163,14 @@ def conversion_error(ann: nn.Module, snn: nn.Module, x: torch.Tensor, timesteps:
                     # output: logits vs the SNN's mean output; agreement: same argmax
     """
     timesteps = [int(t) for t in timesteps]
-    acts = [m for m in ann.modules() if isinstance(m, QCFS)]
+    acts = qcfs_layers(ann)
     names = {m: n for n, m in snn.net.named_modules()}
-    neurons = [m for m in snn.net.modules() if isinstance(m, MultiStepNeuron)]
+    neurons = spiking_neurons(snn.net)
     if len(acts) != len(neurons):
         raise ValueError(f"conversion_error: the ANN has {len(acts)} QCFS activations but the SNN has {len(neurons)} neurons")
     batch = x.shape[0]
     ann_out: dict[nn.Module, torch.Tensor] = {}
-    with _evaluating(ann), _hooks((m, lambda mod, i, o: ann_out.__setitem__(mod, o.float())) for m in acts):
+    with eval_mode(ann), forward_hooks((m, lambda mod, i, o: ann_out.__setitem__(mod, o.float())) for m in acts):
         logits = ann(x).float()
 
     layers = [
@@ -213,7 +187,7 @@ def conversion_error(ann: nn.Module, snn: nn.Module, x: torch.Tensor, timesteps:
 
     for t in timesteps:
         sums.clear()
-        with _evaluating(snn), _hooks((n, accumulate) for n in neurons):
+        with eval_mode(snn), forward_hooks((n, accumulate) for n in neurons):
             snn_logits = snn(x, timesteps=t).float().mean(0)
         for row, a, n in zip(layers, acts, neurons):
             mae = (ann_out[a] - sums[n] / t).abs().mean().item()
@@ -225,59 +199,3 @@ def conversion_error(ann: nn.Module, snn: nn.Module, x: torch.Tensor, timesteps:
         output["relative"].append(mae / scale if scale > 0 else None)
         output["agreement"].append((logits.argmax(-1) == snn_logits.argmax(-1)).float().mean().item())
     return {"timesteps": timesteps, "batch_size": int(batch), "layers": layers, "output": output}
-
-
-def _fmt(value, spec: str = ".3g") -> str:
-    return "–" if value is None else format(value, spec)
-
-
-def stats_tables(stats: dict):
-    """``rich`` tables (neurons, layers, totals) for a :func:`spike_stats` result."""
-    from rich.table import Table
-
-    t = stats["timesteps"]
-    neurons = Table(title=f"Firing rates (T = {t})")
-    for col in ("layer", "neurons", "rate (spikes/neuron/step)", "spikes/sample"):
-        neurons.add_column(col, justify="left" if col == "layer" else "right")
-    for n in stats["neurons"]:
-        neurons.add_row(n["name"], str(n["neurons"]), _fmt(n["firing_rate"]), _fmt(n["spikes"]))
-
-    layers = Table(title=f"Synaptic operations per sample (T = {t})")
-    for col in ("layer", "type", "MACs/step", "input rate", "op", "ops", "energy µJ (est.)"):
-        layers.add_column(col, justify="left" if col in ("layer", "type", "op") else "right")
-    for lay in stats["layers"]:
-        layers.add_row(lay["name"], lay["type"], _fmt(lay["macs"]), _fmt(lay["input_rate"]), lay["op"], _fmt(lay["ops"]), _fmt(lay["energy_uj"]))
-
-    tot, em = stats["totals"], stats["energy_model"]
-    totals = Table(title="Totals per sample", caption=f"energy: estimate, {em['pj_per_mac']} pJ/MAC, {em['pj_per_ac']} pJ/AC")
-    totals.add_column("quantity")
-    totals.add_column("value", justify="right")
-    for key in ("neurons", "spikes", "firing_rate", "snn_macs", "snn_acs", "snn_energy_uj", "ann_macs", "ann_energy_uj", "energy_ratio"):
-        totals.add_row(key, _fmt(tot[key]))
-    return [neurons, layers, totals]
-
-
-def error_table(errors: dict):
-    """A ``rich`` table of :func:`conversion_error`: relative error per layer (rows) and T (columns)."""
-    from rich.table import Table
-
-    table = Table(title="Conversion error |ANN − SNN rate·θ| / mean ANN activation")
-    table.add_column("layer")
-    table.add_column("ANN mean", justify="right")
-    for t in errors["timesteps"]:
-        table.add_column(f"T={t}", justify="right")
-    for row in errors["layers"]:
-        table.add_row(row["name"], _fmt(row["ann_mean"]), *(_fmt(r, ".1%") if r is not None else "–" for r in row["relative"]))
-    out = errors["output"]
-    table.add_row("output (logits)", "", *(_fmt(r, ".1%") if r is not None else "–" for r in out["relative"]))
-    table.add_row("argmax agreement", "", *(_fmt(a, ".1%") for a in out["agreement"]))
-    return table
-
-
-def render(stats: dict | None = None, errors: dict | None = None, console=None) -> None:
-    """Print :func:`spike_stats` and/or :func:`conversion_error` results as ``rich`` tables."""
-    from rich.console import Console
-
-    console = console or Console()
-    for table in (stats_tables(stats) if stats else []) + ([error_table(errors)] if errors else []):
-        console.print(table)

@@ -11,7 +11,7 @@ from timm.models import vgg
 from torch import nn
 
 from qcfs_snntorch import QCFS, ConversionError, check, convert, create_model, fold_batchnorm
-from qcfs_snntorch.calibrate import calibrate_from_data
+from qcfs_snntorch.calibration import calibrate_from_data
 from qcfs_snntorch.models import replace_activations
 
 

@@ -1,8 +1,25 @@
-"""Recipes and overrides are validated against the typed schema before any work."""
+"""Recipes and overrides are validated against the typed schema before any work.
+
+The table test at the bottom gives every key of the schema one invalid value and checks
+that it is refused with a ConfigError that names the key; keys that name things outside
+the config (a timm model, files) are refused where they are used, before any work
+(tests/test_cli.py runs those through the command line).
+"""
 
 import pytest
 
-from qcfs_snntorch.config import ConfigError, RunConfig, list_recipes, load_config
+from qcfs_snntorch.config import (
+    CALIBRATION_METHODS,
+    CHECKED_WHEN_USED,
+    RULES,
+    SCHEDULER_NAMES,
+    SURROGATE_NAMES,
+    ConfigError,
+    RunConfig,
+    list_recipes,
+    load_config,
+    schema_keys,
+)
 
 
 def test_default_recipe_is_quickstart_on_digits():
@@ -30,6 +47,13 @@ def test_mixed_precision_no_survives_yaml_reading_it_as_false():
     assert load_config(["recipe=resnet18_cifar10", "mixed_precision=no"]).mixed_precision == "no"
 
 
+def test_a_recipe_file_path_is_a_recipe(tmp_path):
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("model:\n  levels: 6\n")
+    cfg = load_config([f"recipe={recipe}"])
+    assert cfg.model.levels == 6 and cfg.recipe == str(recipe)
+
+
 @pytest.mark.parametrize(
     "overrides, pattern",
     [
@@ -37,23 +61,81 @@ def test_mixed_precision_no_survives_yaml_reading_it_as_false():
         (["trian.epochs=3"], r"unknown config key 'trian"),
         (["recipe=nope"], r"unknown recipe 'nope'.*valid recipes: .*quickstart"),
         (["model.levels=four"], r"bad value for 'model.levels'"),
-        (["model.levels=0"], r"model.levels must be > 0"),
-        (["snn.timesteps=[1,0]"], r"snn.timesteps\[\] must be > 0"),
-        (["finetune.timesteps=-2"], r"finetune.timesteps must be > 0"),
+        (["snn.timesteps=[1,0]"], r"snn.timesteps\[\]=0 is not valid: an integer ≥ 1"),
         (["stages=[train,deploy]"], r"stages\[\]='deploy' is not valid; choose one of: check, train"),
-        (["data.name=mnist"], r"data.name='mnist' is not valid"),
         (["finetune.surrogate=tanh"], r"finetune.surrogate='tanh' is not valid; choose one of: triangle"),
         (["stages=[eval]"], r"need a trained ANN: add 'train' to stages or give model.checkpoint"),
         (["data.name=imagefolder"], r"needs data.root"),
         (["epochs"], r"key.sub=value"),
         (["resume=true"], r"resume=true needs run_dir"),
-        (["finetune.distill=1.5"], r"finetune.distill must be in \[0, 1\]"),
-        (["finetune.distill_temperature=0"], r"finetune.distill_temperature must be > 0"),
+        (["train.optimizer=sgdd"], r"closest timm optimizers: sgd"),
+        (["train.momentum=0"], r"timm cannot build train.optimizer='sgd' with train.momentum=0.0"),
+        (["train.warmup_epochs=40"], r"train.warmup_epochs=40 is more than train.epochs=30"),
+        (["data.autoaugment=true"], r"digits .* has none"),
+        (["data.name=imagefolder", "data.root=x", "data.cutout=40"], r"data.cutout=40 is larger than the 32-pixel images"),
+        (["stages=[train,calibrate]", "snn.calibrate=[]"], r"stages has calibrate but snn.calibrate is empty"),
+        (["snn.timesteps=[]"], r"snn.timesteps is empty"),
     ],
 )
 def test_bad_input_is_named_with_valid_choices(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(overrides)
+
+
+# One invalid value for every key a rule checks (the rule's own key may be inside a list: key[]).
+INVALID = {
+    "stages": "[]", "seed": "-1", "resume": None, "mixed_precision": "fp8", "log_with": "[nope]",
+    "model.levels": "0", "model.threshold": "0", "model.threshold_init": "random", "model.threshold_percentile": "0",
+    "model.cifar_stem": None, "model.pretrained": None,
+    "data.name": "mnist", "data.image_size": "4", "data.batch_size": "0", "data.eval_batch_size": "0",
+    "data.num_workers": "-1", "data.download": None, "data.autoaugment": None, "data.cutout": "-1",
+    "data.val_split": "1.0", "data.train_subset": "0", "data.eval_subset": "0",
+    "train.levels_choices": "[0]",
+    "snn.timesteps": "[0]", "snn.chunk_size": "0", "snn.fold_bn": None, "snn.calibrate": "[pixel]",
+    "snn.calibrate_timesteps": "[0]", "snn.calibrate_samples": "0", "snn.stats_timesteps": "0", "snn.stats_samples": "0",
+    "finetune.timesteps": "0", "finetune.surrogate": "tanh", "finetune.surrogate_width": "0",
+    "finetune.learn_threshold": None, "finetune.bn": "batch", "finetune.loss": "hinge", "finetune.timesteps_choices": "[0]",
+    "finetune.progressive": "[-4]", "finetune.distill": "1.5", "finetune.distill_temperature": "0",
+    "finetune.tet_weight": "1.0", "finetune.tet_target": "1e9",
+}
+OPTIM_INVALID = {
+    "epochs": "-1", "optimizer": "sgdd", "lr": "-0.1", "momentum": "1.0", "weight_decay": "-1",
+    "decay_bias_and_norm": None, "scheduler": "plateau", "warmup_epochs": "-1", "label_smoothing": "5",
+    "grad_accum_steps": "0", "max_grad_norm": "0", "max_steps_per_epoch": "0", "checkpoint_every_steps": "0",
+}
+for _section in ("train", "finetune"):
+    INVALID.update({f"{_section}.{key}": value for key, value in OPTIM_INVALID.items()})
+TYPED_ONLY = {key for key, value in INVALID.items() if value is None}  # booleans: the schema's type is the rule
+
+
+def test_every_schema_key_has_a_rule_and_an_invalid_value():
+    keys = set(schema_keys())
+    assert keys == set(RULES) | CHECKED_WHEN_USED, "a key without a rule (or a rule without a key)"
+    assert set(RULES) == set(INVALID), "every rule needs an invalid value in this table"
+
+
+@pytest.mark.parametrize("key", sorted(k for k in INVALID if k not in TYPED_ONLY))
+def test_each_key_refuses_an_invalid_value(key):
+    with pytest.raises(ConfigError) as err:
+        load_config([f"{key}={INVALID[key]}"])
+    assert key.split(".")[-1] in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("key", sorted(TYPED_ONLY))
+def test_booleans_refuse_other_types(key):
+    with pytest.raises(ConfigError, match=key):
+        load_config([f"{key}=maybe"])
+
+
+def test_choice_tables_match_the_package():
+    """config.py imports nothing of the package, so its tables of names are checked here."""
+    from qcfs_snntorch.calibration import METHODS
+    from qcfs_snntorch.neurons import SURROGATES
+    from qcfs_snntorch.training import SCHEDULERS
+
+    assert set(SURROGATE_NAMES) == set(SURROGATES)
+    assert set(CALIBRATION_METHODS) == set(METHODS)
+    assert SCHEDULER_NAMES == SCHEDULERS
 
 
 @pytest.mark.parametrize("recipe", list_recipes())

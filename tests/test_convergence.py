@@ -8,14 +8,15 @@ import pytest
 import torch
 
 import qcfs_snntorch as qs
-from qcfs_snntorch.calibrate import calibrate_from_data
+from qcfs_snntorch.calibration import calibrate_from_data
 from qcfs_snntorch.config import DataConfig
 from qcfs_snntorch.data import build_datasets
 
 
 @pytest.fixture(scope="module")
 def digits():
-    train, test, _ = build_datasets(DataConfig(name="digits"))
+    splits = build_datasets(DataConfig(name="digits", val_split=0.0))
+    train, test = splits.train, splits.test
     return torch.stack([train[i][0] for i in range(256)]), torch.stack([test[i][0] for i in range(64)])
 
 

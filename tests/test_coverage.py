@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.models import byobnet, cspnet, vgg
 
 from qcfs_snntorch import QCFS, ConversionError, check, convert, create_model
-from qcfs_snntorch.calibrate import calibrate_from_data
+from qcfs_snntorch.calibration import calibrate_from_data
 
 BATCH, SIZE, T_SHORT = 8, 32, 32
 

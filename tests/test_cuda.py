@@ -18,7 +18,7 @@ from _helpers import randomise
 from torch import nn
 
 from qcfs_snntorch import QCFS, IFNeuron, calibrate_potentials, convert, create_model
-from qcfs_snntorch.finetune import TimeAveraged
+from qcfs_snntorch.training import SpikingFinetune
 
 CUDA = torch.device(os.environ.get("QCFS_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -90,10 +90,10 @@ def test_fused_neuron_gradients_on_cuda_equal_the_autograd_loop(detach_reset):
 
 def test_finetuning_step_on_cuda_gives_finite_gradients_everywhere():
     _, snn = _timm_snn()
-    wrapped = TimeAveraged(snn.to(CUDA), 4, bn="train")
-    wrapped.train()
-    out = wrapped(torch.rand(4, 3, 32, 32, device=CUDA))
-    out.logsumexp(-1).sum().backward()
+    task = SpikingFinetune(4, bn="train")
+    task.train_mode(snn.to(CUDA))
+    result = task(snn, torch.rand(4, 3, 32, 32, device=CUDA), torch.tensor([0, 1, 2, 3], device=CUDA), step=0)
+    result["loss"].backward()
     grads = {k: p.grad for k, p in snn.named_parameters() if p.grad is not None}
     assert any(k.endswith("threshold") for k in grads)
     assert all(torch.isfinite(g).all() and g.device.type == CUDA.type for g in grads.values())

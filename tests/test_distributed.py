@@ -3,6 +3,7 @@
 debug_launcher uses a fixed port: these tests must not run in parallel with each other.
 """
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -14,47 +15,134 @@ from accelerate import debug_launcher
 RESULT = Path(os.environ.get("QCFS_TEST_TMP", "/tmp")) / f"qcfs_ddp_{os.getpid()}.json"
 
 
-def _train_two_ranks():
+def _gathered_state(model, accelerator):
+    """Every shared tensor's float64 sum and sum of squares, one row per rank."""
+    from qcfs_snntorch.training import shared_state
+
+    state = shared_state(model)
+    names = sorted(k for k, t in state.items() if t.is_floating_point() and t.numel())
+    row = torch.stack([torch.stack([state[k].double().sum(), state[k].double().square().sum()]) for k in names]).flatten()
+    return names, accelerator.gather(row.reshape(1, -1)).tolist()
+
+
+def _disagreeing(names, rows):
+    (a, b) = rows
+    return sorted({names[i // 2] for i, (x, y) in enumerate(zip(a, b)) if x != y})
+
+
+def _agreement_across_ranks():
+    """Each rank sees different data; after every step the pipeline takes, what must agree does."""
     from torch.utils.data import DataLoader, TensorDataset
 
     import qcfs_snntorch as qs
     from qcfs_snntorch.config import FinetuneConfig, TrainConfig
-    from qcfs_snntorch.finetune import TimeAveraged
-    from qcfs_snntorch.train import fit, make_accelerator
+    from qcfs_snntorch.training import SpikingFinetune, broadcast_state, fit, make_accelerator
 
     accelerator = make_accelerator()
-    torch.manual_seed(0)
-    x = torch.randn(64, 1, 8, 8)
-    y = torch.randint(0, 10, (64,))
-    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
-    model = qs.create_model("test_resnet", num_classes=10, in_chans=1, threshold=2.0)
+    rank = accelerator.process_index
     tmp = Path(os.environ["QCFS_DDP_DIR"])
-    fit(model, loader, cfg=TrainConfig(epochs=1, lr=0.05), accelerator=accelerator,
-        checkpoint_dir=tmp / "ann", log=lambda m: None)
-    ann_flat = torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.dtype.is_floating_point])
+    torch.manual_seed(0)  # the same initial weights on both ranks, as set_seed gives a run
+    model = qs.create_model("test_resnet", num_classes=10, in_chans=1)
+    own = torch.Generator().manual_seed(100 + rank)  # different data on each rank
+    x, y = torch.randn(64, 1, 8, 8, generator=own) * (1 + rank), torch.randint(0, 10, (64,), generator=own)
+    results = {}
+
+    qs.calibrate_from_data(model, x.split(16))
+    results["calibrated, not synced"] = _disagreeing(*_gathered_state(model, accelerator))
+    broadcast_state(model, accelerator)
+    results["calibrated, synced"] = _disagreeing(*_gathered_state(model, accelerator))
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True)
+    fit(model, loader, cfg=TrainConfig(epochs=1, lr=0.05), accelerator=accelerator, checkpoints=tmp / "ann", log=lambda m: None)
+    results["ANN trained"] = _disagreeing(*_gathered_state(model, accelerator))
 
     snn = qs.convert(model.eval(), learn_threshold=True)
-    wrapped = TimeAveraged(snn, timesteps=2)
-    fit(wrapped, loader, cfg=FinetuneConfig(epochs=1, lr=0.01), accelerator=accelerator,
-        checkpoint_dir=tmp / "snn", log=lambda m: None)
-    snn_flat = torch.cat([p.detach().flatten() for p in snn.parameters()])
-    # Each rank's membranes must stay its own: DDP must not broadcast buffers from rank 0.
-    ddp = accelerator.prepare(TimeAveraged(qs.convert(model.eval()), timesteps=2))
-    no_broadcast = float(ddp.broadcast_buffers is False)
-    gathered = accelerator.gather(torch.stack([ann_flat.sum(), snn_flat.sum(), torch.tensor(no_broadcast)]).reshape(1, 3))
+    qs.calibrate_potentials(model, snn, x[:16], 2)
+    results["v(0) calibrated, not synced"] = _disagreeing(*_gathered_state(snn, accelerator))
+    broadcast_state(snn, accelerator)
+    results["v(0) calibrated, synced"] = _disagreeing(*_gathered_state(snn, accelerator))
+
+    # BN normalising time-folded batches: each rank's running statistics move with its own data.
+    cfg = FinetuneConfig(epochs=1, lr=0.01, max_steps_per_epoch=3, checkpoint_every_steps=1)
+    fit(snn, loader, task=SpikingFinetune(2, bn="train"), cfg=cfg, accelerator=accelerator, checkpoints=tmp / "snn",
+        log=lambda m: None)
+    results["fine-tuned"] = _disagreeing(*_gathered_state(snn, accelerator))
+    # A mid-epoch checkpoint, resumed into a fresh copy: the continued run agrees too.
+    resumed = qs.convert(model.eval(), learn_threshold=True)
+    cfg.epochs, cfg.max_steps_per_epoch = 2, 3
+    fit(resumed, loader, task=SpikingFinetune(2, bn="train"), cfg=cfg, accelerator=accelerator, checkpoints=tmp / "snn",
+        resume=True, log=lambda m: None)
+    results["resumed"] = _disagreeing(*_gathered_state(resumed, accelerator))
     if accelerator.is_main_process:
-        RESULT.write_text(json.dumps(gathered.tolist()))
+        RESULT.write_text(json.dumps(results))
 
 
-def test_two_ranks_stay_in_sync_and_never_broadcast_neuron_state(tmp_path):
+def test_every_shared_tensor_agrees_across_ranks_fed_different_data(tmp_path):
     os.environ["QCFS_DDP_DIR"] = str(tmp_path)
     RESULT.unlink(missing_ok=True)
-    debug_launcher(_train_two_ranks, num_processes=2)
-    (ann0, snn0, no_broadcast0), (ann1, snn1, _) = json.loads(RESULT.read_text())
-    assert ann0 == pytest.approx(ann1, rel=1e-6), "ANN weights (and BN statistics) differ between ranks"
-    assert snn0 == pytest.approx(snn1, rel=1e-6), "SNN weights differ between ranks"
-    assert no_broadcast0 == 1.0, "DDP broadcasts buffers: rank 0's neuron membranes would overwrite the others'"
+    debug_launcher(_agreement_across_ranks, num_processes=2)
+    results = json.loads(RESULT.read_text())
     RESULT.unlink()
+    # The data differs, so without the syncs the ranks differ (the test can fail) ...
+    assert any("running_var" in name for name in results["calibrated, not synced"])
+    assert any("initial_offset" in name for name in results["v(0) calibrated, not synced"])
+    # ... and with them every parameter and buffer but the membranes agrees.
+    for step in ("calibrated, synced", "ANN trained", "v(0) calibrated, synced", "fine-tuned", "resumed"):
+        assert results[step] == [], (step, results[step])
+
+
+def _streaming_membranes():
+    """Two streaming steps through DDP with a different input on each rank."""
+    from accelerate.utils import broadcast
+    from torch import nn
+
+    import qcfs_snntorch as qs
+    from qcfs_snntorch.training import make_accelerator
+
+    class Streaming(nn.Module):
+        def __init__(self, snn):
+            super().__init__()
+            self.snn = snn
+
+        def forward(self, x):
+            return self.snn.step(x)
+
+    accelerator = make_accelerator()
+    rank = accelerator.process_index
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), qs.QCFS(4, 1.0), nn.Linear(8, 3))
+    snn = qs.convert(net)
+    reference = copy.deepcopy(snn)
+    ddp = accelerator.prepare(Streaming(snn))
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(rank)) * 2
+    with torch.no_grad():
+        snn.reset()
+        outputs = [ddp(x) for _ in range(3)]
+        reference.reset()
+        expected = [reference.step(x) for _ in range(3)]
+    same = all(torch.equal(a, b) for a, b in zip(outputs, expected))
+    # The control: copy rank 0's membranes to every rank between two steps, which is what a buffer
+    # broadcast would do; then rank 1's outputs are no longer those of its own input.
+    with torch.no_grad():
+        snn.reset()
+        ddp(x)
+        for neuron in snn.neurons():
+            neuron.mem = broadcast(neuron.mem.clone())
+        clobbered = all(torch.equal(ddp(x), e) for e in expected[1:])
+    sums = accelerator.gather(torch.stack(outputs).sum().reshape(1))
+    if accelerator.is_main_process:
+        RESULT.write_text(json.dumps({"wrapped": type(ddp).__name__, "sums": sums.tolist()}))
+    assert same, f"rank {rank}: its streaming outputs are not those of its own input"
+    assert clobbered == (rank == 0), f"rank {rank}: the control did not change what the test sees"
+
+
+def test_streaming_membranes_stay_per_rank_under_ddp():
+    RESULT.unlink(missing_ok=True)
+    debug_launcher(_streaming_membranes, num_processes=2)
+    result = json.loads(RESULT.read_text())
+    RESULT.unlink()
+    assert result["wrapped"] == "DistributedDataParallel"
+    assert result["sums"][0] != result["sums"][1]  # the ranks really ran different inputs
 
 
 def _evaluate_uneven():
@@ -62,7 +150,7 @@ def _evaluate_uneven():
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from qcfs_snntorch.evaluate import evaluate_ann
+    from qcfs_snntorch.training import evaluate_ann
 
     accelerator = Accelerator()
 
@@ -92,7 +180,7 @@ def _train_mlp(batch_size: int):
 
     import qcfs_snntorch as qs
     from qcfs_snntorch.config import TrainConfig
-    from qcfs_snntorch.train import fit, make_accelerator
+    from qcfs_snntorch.training import fit, make_accelerator
 
     accelerator = make_accelerator()
     torch.manual_seed(0)
@@ -100,7 +188,7 @@ def _train_mlp(batch_size: int):
     model = nn.Sequential(nn.Linear(12, 32), qs.QCFS(4, 2.0), nn.Linear(32, 4))
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
     fit(model, loader, cfg=TrainConfig(epochs=2, lr=0.1, scheduler="none"), accelerator=accelerator,
-        checkpoint_dir=Path(os.environ["QCFS_DDP_DIR"]) / f"b{batch_size}", log=lambda m: None)
+        checkpoints=Path(os.environ["QCFS_DDP_DIR"]) / f"b{batch_size}", log=lambda m: None)
     if accelerator.is_main_process:
         RESULT.write_text(json.dumps([p.detach().flatten().tolist() for p in model.parameters()]))
 

@@ -2,7 +2,6 @@
 (unless QCFS_SNNTORCH_TRACEBACK=1), and nothing half-written or wrongly kept."""
 
 import importlib
-import importlib.util
 import os
 import pkgutil
 import re
@@ -17,16 +16,18 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import qcfs_snntorch as qs
-from qcfs_snntorch.checkpoint import CheckpointError, load_weights, save_weights
 from qcfs_snntorch.config import ConfigError, DataConfig, FinetuneConfig, TrainConfig
 from qcfs_snntorch.data import DataError, build_datasets
-from qcfs_snntorch.train import (
+from qcfs_snntorch.training import (
+    CheckpointDir,
+    CheckpointError,
     TrainingDiverged,
     TrainingOutOfMemory,
+    TrainingSetupError,
     fit,
-    latest_checkpoint,
-    list_checkpoints,
+    load_weights,
     make_accelerator,
+    save_weights,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +38,14 @@ def launch(*args, env=None, timeout=300):
     return subprocess.run(
         [sys.executable, "launch.py", *args], cwd=ROOT, env={**ENV, **(env or {})}, capture_output=True, text=True, timeout=timeout
     )
+
+
+def list_checkpoints(path):
+    return CheckpointDir(path).list()
+
+
+def latest_checkpoint(path):
+    return CheckpointDir(path).latest()
 
 
 def loader(n=96, batch=16, classes=10, seed=0):
@@ -80,7 +89,7 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
     model = FailAt(tiny_model(), at=4)
     with pytest.raises(TrainingDiverged) as err:
         fit(model, loader(), cfg=config(every=1, max_steps_per_epoch=6), accelerator=make_accelerator(),
-            checkpoint_dir=tmp_path, log=lambda m: None, label="ANN")
+            checkpoints=tmp_path, log=lambda m: None, label="ANN")
     message = str(err.value)
     assert "the loss is nan at epoch 1/1, step 4/6" in message
     assert str(tmp_path / "step_00000003") in message and "train.lr" in message and "resume=true" in message
@@ -94,7 +103,7 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
 def test_nan_before_any_checkpoint_says_so(tmp_path):
     with pytest.raises(TrainingDiverged, match="no checkpoint yet"):
         fit(FailAt(tiny_model(), at=1), loader(), cfg=config(FinetuneConfig), accelerator=make_accelerator(),
-            checkpoint_dir=tmp_path, log=lambda m: None)
+            checkpoints=tmp_path, log=lambda m: None)
     assert list_checkpoints(tmp_path) == []
 
 
@@ -118,7 +127,7 @@ def test_out_of_memory_suggests_a_smaller_batch_with_accumulation(tmp_path, cls,
     oom = lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")  # noqa: E731
     with pytest.raises(TrainingOutOfMemory) as err:
         fit(FailAt(tiny_model(), at=2, make=oom), loader(batch=16), cfg=config(cls, grad_accum_steps=2),
-            accelerator=make_accelerator(), checkpoint_dir=tmp_path, log=lambda m: None)
+            accelerator=make_accelerator(), checkpoints=tmp_path, log=lambda m: None, name=key)
     message = str(err.value)
     assert "out of memory" in message and "step 2/" in message
     assert f"data.batch_size=8 {key}.grad_accum_steps=4" in message and "global batch of 32" in message
@@ -131,7 +140,7 @@ def test_out_of_memory_while_evaluating(tmp_path):
 
     with pytest.raises(TrainingOutOfMemory, match="data.eval_batch_size"):
         fit(tiny_model(), loader(), cfg=config(max_steps_per_epoch=1), accelerator=make_accelerator(),
-            checkpoint_dir=tmp_path, evaluate=evaluate, log=lambda m: None)
+            checkpoints=tmp_path, evaluate=evaluate, log=lambda m: None)
 
 
 def test_gradient_accumulation_matches_the_large_batch(tmp_path):
@@ -141,7 +150,7 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
         fit(model, loader(batch=batch), cfg=config(grad_accum_steps=accum, weight_decay=0.0, scheduler="none"),
-            accelerator=make_accelerator(), checkpoint_dir=tmp_path / f"{batch}", log=lambda m: None)
+            accelerator=make_accelerator(), checkpoints=tmp_path / f"{batch}", log=lambda m: None)
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert torch.allclose(run(32, 1), run(16, 2), atol=1e-6)
@@ -155,9 +164,9 @@ def test_gradient_accumulation_matches_the_large_batch(tmp_path):
         ({"scheduler": "plateau"}, "train.scheduler='plateau'"),
     ],
 )
-def test_bad_optimizer_or_schedule_is_a_config_error(tmp_path, setting, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        fit(tiny_model(), loader(), cfg=config(**setting), accelerator=make_accelerator(), checkpoint_dir=tmp_path, log=lambda m: None)
+def test_bad_optimizer_or_schedule_is_a_setup_error(tmp_path, setting, message):
+    with pytest.raises(TrainingSetupError, match=re.escape(message)):
+        fit(tiny_model(), loader(), cfg=config(**setting), accelerator=make_accelerator(), checkpoints=tmp_path, log=lambda m: None)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
@@ -191,23 +200,23 @@ def test_checkpoint_from_another_model(tmp_path):
 
 def test_damaged_training_checkpoint_is_not_resumed_silently(tmp_path):
     fit(tiny_model(), loader(), cfg=config(every=2, max_steps_per_epoch=6), accelerator=make_accelerator(),
-        checkpoint_dir=tmp_path, log=lambda m: None)
+        checkpoints=tmp_path, log=lambda m: None)
     (older, _), (latest, _) = list_checkpoints(tmp_path)
     weights = latest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-64])
     with pytest.raises(CheckpointError) as err:
         fit(tiny_model(), loader(), cfg=config(every=2, max_steps_per_epoch=6), accelerator=make_accelerator(),
-            checkpoint_dir=tmp_path, resume=True, log=lambda m: None)
+            checkpoints=tmp_path, resume=True, log=lambda m: None)
     assert str(latest) in str(err.value) and f"delete it to resume from {older}" in str(err.value)
 
 
 def test_resuming_with_another_model_is_a_clear_error(tmp_path):
     fit(tiny_model(), loader(), cfg=config(max_steps_per_epoch=1), accelerator=make_accelerator(),
-        checkpoint_dir=tmp_path, log=lambda m: None)
+        checkpoints=tmp_path, log=lambda m: None)
     other = qs.create_model("test_resnet", num_classes=7, in_chans=1)
     with pytest.raises(CheckpointError, match="could not be loaded"):
         fit(other, loader(classes=7), cfg=config(max_steps_per_epoch=1), accelerator=make_accelerator(),
-            checkpoint_dir=tmp_path, resume=True, log=lambda m: None)
+            checkpoints=tmp_path, resume=True, log=lambda m: None)
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -270,9 +279,8 @@ def test_traceback_on_request(tmp_path):
 
 def test_every_user_error_class_is_caught_by_launch():
     """Every exception class the package defines is a user error that launch.py reports in one paragraph."""
-    spec = importlib.util.spec_from_file_location("launch_module", ROOT / "launch.py")
-    launch_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch_module)
+    from qcfs_snntorch.pipeline.cli import USER_ERRORS
+
     defined = set()
     for info in pkgutil.walk_packages(qs.__path__, prefix="qcfs_snntorch."):
         module = importlib.import_module(info.name)
@@ -282,5 +290,5 @@ def test_every_user_error_class_is_caught_by_launch():
             and not obj.__name__.startswith("_")  # private ones are caught where they are raised
         }
     assert {ConfigError, DataError, CheckpointError, TrainingDiverged, TrainingOutOfMemory} <= defined
-    missing = {cls.__qualname__ for cls in defined if not issubclass(cls, launch_module.USER_ERRORS)}
-    assert not missing, f"not in launch.USER_ERRORS (a user would see a traceback): {sorted(missing)}"
+    missing = {cls.__qualname__ for cls in defined if not issubclass(cls, USER_ERRORS)}
+    assert not missing, f"not in cli.USER_ERRORS (a user would see a traceback): {sorted(missing)}"

@@ -14,7 +14,7 @@ from _helpers import randomise
 from torch import nn
 
 from qcfs_snntorch import QCFS, IFNeuron, SpikingModel, convert, create_model
-from qcfs_snntorch.calibrate import calibrate_from_data
+from qcfs_snntorch.calibration import calibrate_from_data
 from qcfs_snntorch.export import ExportError, export_nir, simulate_nir
 
 

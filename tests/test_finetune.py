@@ -9,29 +9,28 @@ from torch.utils.data import DataLoader
 import qcfs_snntorch as qs
 from qcfs_snntorch.config import DataConfig, FinetuneConfig, TrainConfig
 from qcfs_snntorch.data import build_datasets
-from qcfs_snntorch.evaluate import evaluate_snn
-from qcfs_snntorch.finetune import TimeAveraged, distillation_loss, finetune_loss, tet_loss
-from qcfs_snntorch.train import fit, make_accelerator
+from qcfs_snntorch.training import SpikingFinetune, distillation_loss, evaluate_snn, fit, make_accelerator, tet_loss
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A QCFS test_resnet trained briefly on digits (λ starts at 8, as in the paper)."""
     torch.manual_seed(0)
-    train, test, _ = build_datasets(DataConfig(name="digits"))
+    splits = build_datasets(DataConfig(name="digits", val_split=0.0))
+    train, test = splits.train, splits.test
     accelerator = make_accelerator()
     ann = qs.create_model("test_resnet", num_classes=10, in_chans=1, threshold=8.0)
     loader = DataLoader(train, batch_size=32, shuffle=True, drop_last=True)
     fit(ann, loader, cfg=TrainConfig(epochs=12, lr=0.05), accelerator=accelerator,
-        checkpoint_dir=tmp_path_factory.mktemp("ann"), log=lambda m: None)
+        checkpoints=tmp_path_factory.mktemp("ann"), log=lambda m: None)
     return ann.eval(), loader, DataLoader(test, batch_size=360), accelerator, tmp_path_factory
 
 
 def finetune(ann, loader, test_loader, accelerator, tmp, **cfg):
     snn = qs.convert(ann)
     before = evaluate_snn(snn, test_loader, [2, 8], accelerator)
-    fit(TimeAveraged(snn, 2, bn=cfg.pop("bn", "frozen")), loader, cfg=FinetuneConfig(**cfg), accelerator=accelerator,
-        checkpoint_dir=tmp.mktemp("snn"), log=lambda m: None)
+    fit(snn, loader, task=SpikingFinetune(2, bn=cfg.pop("bn", "frozen")), cfg=FinetuneConfig(**cfg), accelerator=accelerator,
+        checkpoints=tmp.mktemp("snn"), log=lambda m: None)
     return snn, before, evaluate_snn(snn, test_loader, [2, 8], accelerator)
 
 
@@ -87,24 +86,30 @@ def test_distillation_pulls_the_snn_towards_the_ann(trained):
     snn = qs.convert(ann)
     probe = [batch for _, batch in zip(range(8), loader)]
     before = _kl_to_ann(ann, snn.eval(), probe)
-    model = TimeAveraged(snn, 2, teacher=ann)
-    fit(model, loader, cfg=FinetuneConfig(epochs=1, lr=0.005), accelerator=accelerator, checkpoint_dir=tmp.mktemp("kd"),
-        log=lambda m: None, loss_fn=finetune_loss(model, distill=1.0, temperature=1.0))
+    task = SpikingFinetune(2, distill=1.0, temperature=1.0, teacher=ann)
+    fit(snn, loader, task=task, cfg=FinetuneConfig(epochs=1, lr=0.005), accelerator=accelerator, checkpoints=tmp.mktemp("kd"),
+        log=lambda m: None)
     assert _kl_to_ann(ann, snn.eval(), probe) < 0.7 * before  # measured: 8.9 → 3.8
-    assert "teacher" not in dict(model.named_modules()) and not any(k.startswith("teacher") for k in model.state_dict())
+    assert not any(k.startswith("teacher") for k in snn.state_dict())  # the ANN is not saved with the SNN
 
 
-def test_random_timesteps_are_drawn_from_the_choices():
+def test_random_timesteps_are_drawn_from_the_choices_by_step():
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), qs.QCFS(4, 1.0))
-    model = TimeAveraged(qs.convert(net), 2, timesteps_choices=[1, 3], per_step=True, seed=0).train()
-    seen = {model(torch.randn(2, 3)).shape[0] for _ in range(20)}
-    assert seen == {1, 3}
-    assert model.eval()(torch.randn(2, 3)).shape == (2, 4)
+    snn = qs.convert(net)
+    seen = []
+    snn.register_forward_hook(lambda m, args, kwargs, out: seen.append(out.shape[0]), with_kwargs=True)
+    task = SpikingFinetune(2, timesteps_choices=[1, 3], seed=0)
+    outputs = [task(snn, torch.randn(2, 3), torch.tensor([0, 1]), step)["output"] for step in range(20)]
+    assert set(seen) == {1, 3} and all(o.shape == (2, 4) for o in outputs)
+    # a function of (seed, step): every rank, and a run resumed at any step, draws the same T
+    again = SpikingFinetune(2, timesteps_choices=[1, 3], seed=0)
+    assert [again.steps_for(step) for step in range(20)] == seen
+    assert [SpikingFinetune(2, timesteps_choices=[1, 3], seed=1).steps_for(s) for s in range(20)] != seen
 
 
 @pytest.mark.parametrize("method", ["channel", "layer"])
 def test_potential_calibration_improves_low_T_accuracy(trained, method):
-    from qcfs_snntorch.calibrate_snn import calibrate_potentials
+    from qcfs_snntorch.calibration import calibrate_potentials
 
     ann, loader, test_loader, accelerator, _ = trained
     calib_x = torch.cat([x for x, _ in loader])[:256]

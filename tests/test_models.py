@@ -10,7 +10,7 @@ from timm.models import vgg
 from torch import nn
 
 from qcfs_snntorch import QCFS, UnknownModelError, check, create_model
-from qcfs_snntorch.calibrate import calibrate_from_data
+from qcfs_snntorch.calibration import calibrate_from_data
 from qcfs_snntorch.models import rewrite_activation_calls
 
 TINY_DARKNET_STEM = dict(out_chs=8, kernel_size=3, stride=1, pool="")
@@ -167,16 +167,44 @@ def test_calibrate_sets_bn_statistics_and_thresholds():
     with torch.no_grad():  # cumulative statistics: the mean over all batches of the first conv's output
         first = torch.cat([model.conv1[0](x) for x in batches])
     torch.testing.assert_close(bn.running_mean, first.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
-    # λ of the first QCFS: the 99th percentile of its positive inputs (nothing upstream is quantized).
-    act, seen = model.conv1[2], []
-    hook = act.register_forward_hook(lambda m, args, out: seen.append(args[0].flatten()))
+    # λ of the first QCFS: the 99th percentile of its positive inputs as training sees them: each batch
+    # normalised by its own statistics (nothing upstream is quantized).
+    act = model.conv1[2]
     with torch.no_grad():
-        for x in batches:
-            model(x)
-    hook.remove()
-    inputs = torch.cat(seen)
+        inputs = torch.cat([F.batch_norm(model.conv1[0](x), None, None, bn.weight, bn.bias, training=True).flatten()
+                            for x in batches])
     assert act.threshold.item() == pytest.approx(torch.quantile(inputs[inputs > 0], 0.99).item(), rel=1e-5)
     assert all(m.threshold.item() != 8.0 for m in model.modules() if isinstance(m, QCFS))
+
+
+def test_pretrained_statistics_are_kept_and_lambda_measured_in_eval_mode():
+    torch.manual_seed(0)
+    model = create_model("test_resnet", num_classes=10).eval()
+    bn = model.conv1[1]
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    before = bn.running_mean.clone()
+    x = torch.randn(8, 3, 32, 32)
+    calibrate_from_data(model, [x], percentile=99.0, update_bn=False)
+    torch.testing.assert_close(bn.running_mean, before, rtol=0, atol=0)
+    with torch.no_grad():
+        inputs = bn(model.conv1[0](x)).flatten()
+    assert model.conv1[2].threshold.item() == pytest.approx(torch.quantile(inputs[inputs > 0], 0.99).item(), rel=1e-5)
+
+
+def test_a_silent_layer_takes_the_median_lambda():
+    """A layer that is never positive on the calibration data has no evidence: a λ near 0 would block its gradient."""
+    from qcfs_snntorch.calibration import silent_layers
+
+    assert silent_layers([3.0, 4.0, None, 2e-9, 3.5]) == [2, 3]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), QCFS(4, 8.0), nn.Linear(8, 8), QCFS(4, 8.0), nn.Linear(8, 8), QCFS(4, 8.0))
+    with torch.no_grad():
+        net[2].weight.zero_()
+        net[2].bias.fill_(-1.0)  # the second QCFS never sees a positive input
+    calibrate_from_data(net, [torch.randn(64, 4)])
+    first, silent, third = (net[i].threshold.item() for i in (1, 3, 5))
+    assert silent == pytest.approx((first + third) / 2)
 
 
 def test_calibrate_rejects_bad_percentile():

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qcfs_snntorch.plots import plot_accuracy_vs_timesteps, plot_conversion_error, plot_firing_rates
+from qcfs_snntorch.pipeline.plots import plot_accuracy_vs_timesteps, plot_conversion_error, plot_firing_rates
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -148,26 +148,26 @@ def test_same_seed_same_report(reference, tmp_path):
 
 def test_resume_refuses_another_model(reference, tmp_path):
     """resume=true with settings the checkpoints cannot fit: a clear error before anything is written."""
-    import importlib.util
-
     from accelerate import PartialState
 
     from qcfs_snntorch.config import ConfigError, load_config
+    from qcfs_snntorch.pipeline.run_dir import choose_run_dir
+    from qcfs_snntorch.pipeline.setup import refuse_another_model
 
-    spec = importlib.util.spec_from_file_location("launch_module", ROOT / "launch.py")
-    launch_module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launch_module)
+    def choose(cfg):
+        return choose_run_dir(cfg, PartialState(), accept=lambda path: refuse_another_model(path, cfg))
+
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text((reference / "config.yaml").read_text())
     cfg = load_config([*ARGS, "model.levels=8", f"run_dir={run}", "resume=true"])
     with pytest.raises(ConfigError) as err:
-        launch_module.choose_run_dir(cfg, PartialState())
+        choose(cfg)
     assert "cannot resume" in str(err.value) and "model.levels=8 (the run used 4)" in str(err.value)
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
     # the same settings pass
-    assert launch_module.choose_run_dir(load_config([*ARGS, f"run_dir={run}", "resume=true"]), PartialState()) == run
+    assert choose(load_config([*ARGS, f"run_dir={run}", "resume=true"])) == run
     # a config.yaml that does not pass the schema is refused, not used
     (run / "config.yaml").write_text("model:\n  nmae: resnet18\n")
     with pytest.raises(ConfigError, match="does not pass the schema"):
-        launch_module.choose_run_dir(load_config([*ARGS, f"run_dir={run}", "resume=true"]), PartialState())
+        choose(load_config([*ARGS, f"run_dir={run}", "resume=true"]))

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from qcfs_snntorch import QCFS, convert
-from qcfs_snntorch.stats import PJ_PER_AC, PJ_PER_MAC, conversion_error, render, spike_stats
+from qcfs_snntorch.pipeline.tables import render
+from qcfs_snntorch.stats import PJ_PER_AC, PJ_PER_MAC, conversion_error, spike_stats
 
 
 def _net(threshold: float = 1.0) -> nn.Sequential:

@@ -57,6 +57,16 @@ class MultiStepNeuron(snntorch.Leaky):
         # Scalar or broadcastable to one step's input (e.g. [C, 1, 1]).
         self.register_buffer("initial_offset", torch.zeros(()))
 
+    # Buffers whose shape is set by what is loaded (calibration makes v(0) offsets per layer or per channel).
+    resizable_buffers = ("initial_offset",)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.resizable_buffers:
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None and incoming.shape != getattr(self, name).shape:
+                setattr(self, name, torch.zeros_like(incoming, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def reset_state(self) -> None:
         """Forget the membrane; the next input starts from :meth:`initial_potential`."""
         self.mem = torch.zeros(0, device=self.mem.device)

@@ -12,7 +12,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_accuracy_vs_timesteps", "plot_firing_rates", "plot_conversion_error"]
+__all__ = ["plot_accuracy_vs_timesteps", "plot_conversion_error", "plot_firing_rates", "plot_report"]
 
 
 def _by_t(points: Mapping) -> tuple[list[int], list[float]]:
@@ -36,12 +36,17 @@ def plot_accuracy_vs_timesteps(
     *,
     ann: float | None = None,
     finetuned: Mapping | None = None,
+    ann_at_levels: Mapping | None = None,
     title: str = "SNN accuracy vs time steps",
 ) -> Path:
-    """Accuracy against T (log₂ axis): ``snn`` and ``finetuned`` map T → accuracy (%), ``ann`` is a line."""
+    """Accuracy against T (log₂ axis): ``snn``, ``finetuned`` and ``ann_at_levels`` (the ANN with
+    its QCFS at L = T, what the SNN approximates) map T → accuracy (%); ``ann`` is a line."""
     fig = Figure(figsize=(6, 4))
     ax = fig.add_subplot()
     ts, acc = _by_t(snn)
+    if ann_at_levels:
+        lt, lacc = _by_t(ann_at_levels)
+        ax.plot(lt, lacc, "^:", color="tab:gray", label="ANN at L = T")
     ax.plot(ts, acc, "o-", label="converted SNN")
     if finetuned:
         ft_ts, ft_acc = _by_t(finetuned)
@@ -97,4 +102,17 @@ def plot_conversion_error(errors: Mapping, path: str | Path, *, timesteps: int |
         color="tab:red",
         ylabel="|ANN − SNN rate·θ| / mean ANN activation (%)",
         title=title or f"Conversion error per layer (T = {t})",
+    )
+
+
+def plot_report(report: Mapping, path: str | Path) -> Path:
+    """The accuracy–latency plot of a run's report (test split)."""
+    snn, after = report["snn"], report.get("finetune", {}).get("snn_after")
+    return plot_accuracy_vs_timesteps(
+        {t: 100 * a for t, a in zip(snn["timesteps"], snn["top1"])},
+        path,
+        ann=100 * report["ann"]["top1"] if report.get("ann", {}).get("top1") is not None else None,
+        finetuned={t: 100 * a for t, a in zip(after["timesteps"], after["top1"])} if after else None,
+        ann_at_levels={t: 100 * a for t, a in zip(snn["timesteps"], snn.get("ann_at_levels", {}).get("top1", []))},
+        title=f"{report.get('model')} on {report.get('dataset')} (test split)",
     )

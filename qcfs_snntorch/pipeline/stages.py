@@ -1,0 +1,329 @@
+"""The stages of a run, one small class each, in the order the runner walks them.
+
+Every stage has the same four methods:
+
+- ``wanted(cfg)``: does this run do it;
+- ``fingerprint(cfg)``: the settings its result depends on (see :mod:`.fingerprints`);
+- ``run(ctx)``: do it; set ``ctx.ann`` / ``ctx.snn`` for the next stages and return the
+  report parts it owns (the keys in ``outputs``);
+- ``restore(ctx)``: with ``resume=true`` and an unchanged fingerprint, bring its result
+  back from the run directory instead (False: it cannot, so it runs).
+
+``after`` names the stages whose results it reads: their fingerprints are part of its
+own, and when one of them reran, so does it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from accelerate.utils import set_seed
+
+from ..calibration import calibrate_potentials
+from ..convert import convert
+from ..export import export_nir
+from ..spiking import SpikingModel
+from ..stats import conversion_error, spike_stats
+from ..tracing import qcfs_layers
+from ..training import (
+    Classification,
+    SpikingFinetune,
+    broadcast_state,
+    evaluate_ann,
+    evaluate_ann_at_levels,
+    evaluate_snn,
+    fit,
+    load_weights,
+    save_weights,
+)
+from . import plots
+from .context import RunContext
+from .fingerprints import architecture, pick
+from .tables import error_table, stats_tables
+
+__all__ = ["STAGE_CLASSES", "Calibrate", "Check", "Convert", "Eval", "Export", "Finetune", "Stage", "Train"]
+
+# Settings of the data that change what a model is trained on (not where it is read from or how fast).
+DATA_CONTENT = ("data.name", "data.image_size", "data.val_split", "data.train_subset", "data.batch_size",
+                "data.autoaugment", "data.cutout")
+
+
+class Stage:
+    name: str = ""
+    outputs: tuple[str, ...] = ()
+    after: tuple[str, ...] = ()
+
+    def wanted(self, cfg) -> bool:
+        return self.name in cfg.stages
+
+    def fingerprint(self, cfg) -> dict:
+        raise NotImplementedError
+
+    def run(self, ctx: RunContext) -> dict:
+        raise NotImplementedError
+
+    def restore(self, ctx: RunContext) -> bool:
+        return True
+
+
+class Check(Stage):
+    """Report what converts and what does not (the verdict setup computed once)."""
+
+    name, outputs = "check", ("check",)
+
+    def fingerprint(self, cfg) -> dict:
+        return architecture(cfg)
+
+    def run(self, ctx: RunContext) -> dict:
+        ctx.log(ctx.verdict.summary())
+        return {"check": {"convertible": ctx.verdict.convertible, "problems": [str(p) for p in ctx.verdict.problems]}}
+
+
+def _thresholds(model) -> dict:
+    return {"thresholds": [round(act.threshold.item(), 4) for act in qcfs_layers(model)]}
+
+
+class Train(Stage):
+    """Train the QCFS ANN (λ was set from data in setup where asked); save ``ann.safetensors``."""
+
+    name, outputs = "train", ("ann",)
+
+    def fingerprint(self, cfg) -> dict:
+        keys = ("model", "train", "seed", *DATA_CONTENT)
+        return pick(cfg, keys)
+
+    def run(self, ctx: RunContext) -> dict:
+        cfg = ctx.cfg
+        history = fit(
+            ctx.ann, ctx.train_loader(), cfg=cfg.train, accelerator=ctx.accelerator,
+            checkpoints=ctx.checkpoints("ann", self.fingerprint(cfg)),
+            task=Classification(cfg.train.label_smoothing, levels_choices=cfg.train.levels_choices, seed=cfg.seed),
+            evaluate=lambda m: evaluate_ann(m, ctx.selection, ctx.accelerator), metrics=_thresholds,
+            resume=cfg.resume, log=ctx.log, label="ANN", name="train",
+        )
+        ctx.ann.eval()
+        ctx.ann_accuracy = ctx.accuracy(lambda loader: evaluate_ann(ctx.ann, loader, ctx.accelerator))
+        if ctx.accelerator.is_main_process:
+            save_weights(ctx.ann, ctx.run_dir.file("ann.safetensors"), {"model": cfg.model.name, "levels": cfg.model.levels})
+        ctx.log(f"[ANN] test top-1 {ctx.ann_accuracy['top1']:.4f}" + _val_text(ctx.ann_accuracy))
+        return {"ann": {**ctx.ann_accuracy, "history": history, **_thresholds(ctx.ann)}}
+
+    def restore(self, ctx: RunContext) -> bool:
+        path = ctx.run_dir.file("ann.safetensors")
+        if not path.is_file():
+            return False
+        load_weights(ctx.ann, path)
+        ctx.ann.eval()
+        saved = ctx.run_dir.previous.get("ann", {})
+        ctx.ann_accuracy = {"val_top1": saved.get("val_top1"), "top1": saved.get("top1")}
+        ctx.log(f"[ANN] training was complete: reusing {path}")
+        return True
+
+
+def _val_text(accuracy: dict) -> str:
+    return f" (validation {accuracy['val_top1']:.4f})" if accuracy.get("val_top1") is not None else ""
+
+
+class Convert(Stage):
+    """QCFS → IF neurons. Where this run did not train the ANN, it is measured first."""
+
+    name, outputs, after = "convert", ("convert", "ann"), ("train",)
+
+    def wanted(self, cfg) -> bool:
+        return bool(set(cfg.stages) & {"convert", "eval", "calibrate", "finetune", "export"})
+
+    def fingerprint(self, cfg) -> dict:
+        return pick(cfg, ("snn.fold_bn", "finetune.learn_threshold", "finetune.surrogate", "finetune.surrogate_width",
+                          "model.checkpoint"))
+
+    def _convert(self, ctx: RunContext) -> None:
+        cfg = ctx.cfg
+        ctx.ann.eval()
+        ctx.snn = convert(ctx.ann, fold_bn=cfg.snn.fold_bn, learn_threshold=cfg.finetune.learn_threshold,
+                          surrogate=cfg.finetune.surrogate, surrogate_width=cfg.finetune.surrogate_width,
+                          chunk_size=cfg.snn.chunk_size, verify=False).to(ctx.accelerator.device)
+
+    def run(self, ctx: RunContext) -> dict:
+        parts = {}
+        if ctx.ann_accuracy is None:
+            ctx.ann.eval()
+            ctx.ann_accuracy = ctx.accuracy(lambda loader: evaluate_ann(ctx.ann, loader, ctx.accelerator))
+            parts["ann"] = {**ctx.ann_accuracy, **_thresholds(ctx.ann)}
+            ctx.log(f"[ANN] test top-1 {ctx.ann_accuracy['top1']:.4f}" + _val_text(ctx.ann_accuracy))
+        self._convert(ctx)
+        return {**parts, "convert": {"neurons": len(ctx.snn.neurons()), "fold_bn": ctx.cfg.snn.fold_bn}}
+
+    def restore(self, ctx: RunContext) -> bool:
+        if ctx.ann_accuracy is None:
+            saved = ctx.run_dir.previous.get("ann", {})
+            ctx.ann_accuracy = {"val_top1": saved.get("val_top1"), "top1": saved.get("top1")}
+        self._convert(ctx)
+        return True
+
+
+class Eval(Stage):
+    """The converted SNN at every T (and the ANN at L = T), spike statistics, per-layer error."""
+
+    name, outputs, after = "eval", ("snn", "spikes", "conversion_error"), ("convert",)
+
+    def fingerprint(self, cfg) -> dict:
+        return pick(cfg, ("snn.timesteps", "snn.stats_timesteps", "snn.stats_samples", "data.eval_subset", "seed"))
+
+    def run(self, ctx: RunContext) -> dict:
+        cfg, accelerator = ctx.cfg, ctx.accelerator
+        timesteps = list(cfg.snn.timesteps)
+        accuracy = ctx.accuracy(lambda loader: evaluate_snn(ctx.snn, loader, timesteps, accelerator))
+        at_levels = evaluate_ann_at_levels(ctx.ann, ctx.test, timesteps, accelerator)
+        parts = {"snn": {"timesteps": timesteps, **accuracy, "ann_at_levels": {"top1": at_levels}}}
+        if accelerator.is_main_process:
+            sample = ctx.statistics_batch()
+            parts["spikes"] = spike_stats(ctx.snn, sample, cfg.snn.stats_timesteps)
+            parts["conversion_error"] = conversion_error(ctx.ann, ctx.snn, sample, timesteps)
+            for table in stats_tables(parts["spikes"]):
+                ctx.log.table(table)
+            ctx.log.table(error_table(parts["conversion_error"]))
+            plots.plot_firing_rates(parts["spikes"], ctx.run_dir.file("firing_rates.png"))
+            plots.plot_conversion_error(parts["conversion_error"], ctx.run_dir.file("conversion_error.png"))
+            accelerator.log({f"snn/firing_rate/{n['name']}": n["firing_rate"] for n in parts["spikes"]["neurons"]})
+        return parts
+
+
+class Calibrate(Stage):
+    """v(0) fitted per layer or channel for each T (no training); the SNN fine-tuning starts from
+    is the calibrated one for its T, unless the plain one is better on the validation split."""
+
+    name, outputs, after = "calibrate", ("calibration",), ("convert",)
+
+    def wanted(self, cfg) -> bool:
+        return bool(cfg.snn.calibrate) and bool(set(cfg.stages) & {"calibrate", "eval", "finetune"})
+
+    def fingerprint(self, cfg) -> dict:
+        keys = ["snn.calibrate", "snn.calibrate_timesteps", "snn.calibrate_samples", "seed", "data.val_split"]
+        if "finetune" in cfg.stages:
+            keys.append("finetune.timesteps")
+        return pick(cfg, keys)
+
+    def targets(self, cfg) -> list[int]:
+        extra = {cfg.finetune.timesteps} if "finetune" in cfg.stages else set()
+        return sorted(set(cfg.snn.calibrate_timesteps) | extra)
+
+    def run(self, ctx: RunContext) -> dict:
+        cfg, accelerator = ctx.cfg, ctx.accelerator
+        x = ctx.calibration_batch()
+        result = {"methods": list(cfg.snn.calibrate), "timesteps": [], "top1": [], "val_top1": [], "layers": {}}
+        start = None
+        for steps in self.targets(cfg):
+            candidate = copy.deepcopy(ctx.snn)
+            fitted = calibrate_potentials(ctx.ann, candidate, x, steps, cfg.snn.calibrate)
+            broadcast_state(candidate, accelerator)  # every rank fine-tunes and evaluates rank 0's v(0)
+            accuracy = ctx.accuracy(lambda loader, c=candidate, t=steps: evaluate_snn(c, loader, [t], accelerator)[0])
+            result["timesteps"].append(steps)
+            result["top1"].append(accuracy["top1"])
+            result["val_top1"].append(accuracy["val_top1"])
+            result["layers"][str(steps)] = fitted["layers"]
+            ctx.log(f"[SNN] calibrated ({'+'.join(cfg.snn.calibrate)}) for T={steps}: test top-1 {accuracy['top1']:.4f}"
+                    + _val_text(accuracy))
+            if "finetune" in cfg.stages and steps == cfg.finetune.timesteps:
+                start = self._choose(ctx, candidate, steps, accuracy, result)
+        if start is not None:
+            ctx.snn = start
+            if accelerator.is_main_process:
+                save_weights(ctx.snn, ctx.run_dir.file("calibrated.safetensors"), {"timesteps": cfg.finetune.timesteps})
+        return {"calibration": result}
+
+    def _choose(self, ctx: RunContext, candidate: SpikingModel, steps: int, accuracy: dict, result: dict) -> SpikingModel:
+        """The calibrated SNN, unless the plain conversion is better at ``steps`` on the validation split."""
+        if ctx.val is None:
+            result["finetune_start"] = "calibrated"
+            return candidate
+        plain = evaluate_snn(ctx.snn, ctx.val, [steps], ctx.accelerator)[0]
+        keep = accuracy["val_top1"] >= plain
+        result["finetune_start"] = "calibrated" if keep else "plain"
+        result["plain_val_top1"] = plain
+        ctx.log(f"[SNN] fine-tuning starts from the {result['finetune_start']} SNN (validation top-1 at T={steps}: "
+                f"calibrated {accuracy['val_top1']:.4f}, plain {plain:.4f})")
+        return candidate if keep else ctx.snn
+
+    def restore(self, ctx: RunContext) -> bool:
+        if "finetune" not in ctx.cfg.stages:
+            return True
+        path = ctx.run_dir.file("calibrated.safetensors")
+        if not path.is_file():
+            return False
+        load_weights(ctx.snn, path)
+        return True
+
+
+class Finetune(Stage):
+    """Hybrid fine-tuning of the SNN through T steps (progressively over several T if asked)."""
+
+    name, outputs, after = "finetune", ("finetune",), ("convert", "calibrate")
+
+    def fingerprint(self, cfg) -> dict:
+        return pick(cfg, ("finetune", "seed", *DATA_CONTENT))
+
+    def _task(self, ctx: RunContext, steps: int) -> SpikingFinetune:
+        f = ctx.cfg.finetune
+        return SpikingFinetune(steps, loss=f.loss, label_smoothing=f.label_smoothing, tet_weight=f.tet_weight,
+                               tet_target=f.tet_target, bn=f.bn, timesteps_choices=f.timesteps_choices, seed=ctx.cfg.seed,
+                               distill=f.distill, temperature=f.distill_temperature, teacher=ctx.ann if f.distill else None)
+
+    def run(self, ctx: RunContext) -> dict:
+        cfg, accelerator = ctx.cfg, ctx.accelerator
+        steps = cfg.finetune.timesteps
+        before = ctx.accuracy(lambda loader: evaluate_snn(ctx.snn, loader, [steps], accelerator)[0])
+        ctx.log(f"[SNN] test top-1 at T={steps} before fine-tuning: {before['top1']:.4f}" + _val_text(before))
+        set_seed(cfg.seed)  # the same RNG stream whether or not the ANN was trained in this process (resume)
+        phases = [*cfg.finetune.progressive, steps]  # progressive: e.g. T = 4, then 2
+        history = []
+        for phase in phases:
+            name = "snn" if len(phases) == 1 else f"snn_T{phase}"
+            history += [{**entry, "timesteps": phase} for entry in fit(
+                ctx.snn, ctx.train_loader(), cfg=cfg.finetune, accelerator=accelerator,
+                checkpoints=ctx.checkpoints(name, {**self.fingerprint(cfg), "phase": phase}), task=self._task(ctx, phase),
+                evaluate=lambda m, t=phase: evaluate_snn(m, ctx.selection, [t], accelerator)[0],
+                resume=cfg.resume, log=ctx.log, label=f"SNN T={phase}", name="finetune",
+            )]
+        timesteps = sorted(set(cfg.snn.timesteps) | {steps})
+        after = ctx.accuracy(lambda loader: evaluate_snn(ctx.snn, loader, timesteps, accelerator))
+        at = timesteps.index(steps)
+        if accelerator.is_main_process:
+            save_weights(ctx.snn, ctx.run_dir.file("snn.safetensors"), {"model": cfg.model.name, "timesteps": steps})
+        ctx.log(f"[SNN] test top-1 at T={steps}: {before['top1']:.4f} before, {after['top1'][at]:.4f} after fine-tuning")
+        return {"finetune": {
+            "timesteps": steps,
+            "top1_before": before["top1"], "top1_after": after["top1"][at],
+            "val_top1_before": before["val_top1"], "val_top1_after": after["val_top1"][at] if after["val_top1"] else None,
+            "snn_after": {"timesteps": timesteps, **after},
+            "history": history,
+        }}
+
+    def restore(self, ctx: RunContext) -> bool:
+        path = ctx.run_dir.file("snn.safetensors")
+        if not path.is_file():
+            return False
+        load_weights(ctx.snn, path)
+        ctx.log(f"[SNN] fine-tuning was complete: reusing {path}")
+        return True
+
+
+class Export(Stage):
+    """The final SNN as a NIR graph, ``snn.nir``."""
+
+    name, outputs, after = "export", ("export",), ("convert", "calibrate", "finetune")
+
+    def fingerprint(self, cfg) -> dict:
+        return {}
+
+    def run(self, ctx: RunContext) -> dict:
+        path = ctx.run_dir.file("snn.nir")
+        if ctx.accelerator.is_main_process:
+            export_nir(ctx.snn, path, ctx.statistics_batch()[:1])
+        ctx.log(f"NIR graph: {path} (what NIR cannot express: docs/NIR.md)")
+        return {"export": {"nir": str(path)}}
+
+    def restore(self, ctx: RunContext) -> bool:
+        return ctx.run_dir.file("snn.nir").is_file()
+
+
+STAGE_CLASSES: tuple[type[Stage], ...] = (Check, Train, Convert, Eval, Calibrate, Finetune, Export)

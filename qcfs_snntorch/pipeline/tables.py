@@ -1,0 +1,99 @@
+"""The ``rich`` tables a run prints (and :func:`render` prints for a user's own results).
+
+Each builds from plain report dicts (as stored in report.json), so a finished run's
+tables can be printed again from its report.
+"""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+__all__ = ["accuracy_table", "error_table", "render", "stats_tables"]
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _percent(value) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def _gap(reference, value) -> str:
+    return "" if reference is None or value is None else f"{100 * (reference - value):+.2f}"
+
+
+def accuracy_table(report: dict) -> Table:
+    """Test top-1 at every T: the SNN, the ANN at L = T (what the SNN approximates), the gap,
+    and the fine-tuned SNN where fine-tuning ran."""
+    snn = report.get("snn", {})
+    after = report.get("finetune", {}).get("snn_after", {})
+    ann = report.get("ann", {}).get("top1")
+    at_levels = dict(zip(snn.get("timesteps", []), snn.get("ann_at_levels", {}).get("top1", [])))
+    after_by_t = dict(zip(after.get("timesteps", []), after.get("top1", [])))
+    table = Table(title=f"{report.get('model')} on {report.get('dataset')}: test top-1 (%)")
+    columns = ["T", "ANN at L=T", "SNN", "gap"] + (["fine-tuned", "gap"] if after else [])
+    for name in columns:
+        table.add_column(name, justify="right")
+    for t, acc in zip(snn.get("timesteps", []), snn.get("top1", [])):
+        row = [str(t), _percent(at_levels.get(t)), _percent(acc), _gap(ann, acc)]
+        if after:
+            row += [_percent(after_by_t.get(t)), _gap(ann, after_by_t.get(t))]
+        table.add_row(*row)
+    if ann is not None:
+        table.caption = (f"ANN (QCFS, L={report.get('levels')}): {100 * ann:.2f}%; gap = ANN − SNN. "
+                         "An SNN at T steps approximates the ANN at L = T: a low 'ANN at L=T' is quantization "
+                         "sensitivity, a gap between it and the SNN is conversion error")
+        if after:
+            table.caption += f"; fine-tuned at T={report['finetune']['timesteps']}"
+    return table
+
+
+def stats_tables(stats: dict) -> list[Table]:
+    """Tables (neurons, layers, totals) for a :func:`~qcfs_snntorch.stats.spike_stats` result."""
+    t = stats["timesteps"]
+    neurons = Table(title=f"Firing rates (T = {t})")
+    for col in ("layer", "neurons", "rate (spikes/neuron/step)", "spikes/sample"):
+        neurons.add_column(col, justify="left" if col == "layer" else "right")
+    for n in stats["neurons"]:
+        neurons.add_row(n["name"], str(n["neurons"]), _fmt(n["firing_rate"]), _fmt(n["spikes"]))
+
+    layers = Table(title=f"Synaptic operations per sample (T = {t})")
+    for col in ("layer", "type", "MACs/step", "input rate", "op", "ops", "energy µJ (est.)"):
+        layers.add_column(col, justify="left" if col in ("layer", "type", "op") else "right")
+    for lay in stats["layers"]:
+        layers.add_row(lay["name"], lay["type"], _fmt(lay["macs"]), _fmt(lay["input_rate"]), lay["op"], _fmt(lay["ops"]),
+                       _fmt(lay["energy_uj"]))
+
+    tot, em = stats["totals"], stats["energy_model"]
+    caption = f"energy: estimate, {em['pj_per_mac']} pJ/MAC, {em['pj_per_ac']} pJ/AC"
+    totals = Table(title="Totals per sample", caption=caption)
+    totals.add_column("quantity")
+    totals.add_column("value", justify="right")
+    for key, value in tot.items():
+        totals.add_row(key, _fmt(value))
+    return [neurons, layers, totals]
+
+
+def error_table(errors: dict) -> Table:
+    """Relative conversion error per layer (rows) and T (columns) of a :func:`~qcfs_snntorch.stats.conversion_error` result."""
+    table = Table(title="Conversion error |ANN − SNN rate·θ| / mean ANN activation")
+    table.add_column("layer")
+    table.add_column("ANN mean", justify="right")
+    for t in errors["timesteps"]:
+        table.add_column(f"T={t}", justify="right")
+    for row in errors["layers"]:
+        table.add_row(row["name"], _fmt(row["ann_mean"]), *(_fmt(r, ".1%") if r is not None else "–" for r in row["relative"]))
+    out = errors["output"]
+    table.add_row("output (logits)", "", *(_fmt(r, ".1%") if r is not None else "–" for r in out["relative"]))
+    table.add_row("argmax agreement", "", *(_fmt(a, ".1%") for a in out["agreement"]))
+    return table
+
+
+def render(stats: dict | None = None, errors: dict | None = None, console=None) -> None:
+    """Print :func:`~qcfs_snntorch.stats.spike_stats` and/or :func:`~qcfs_snntorch.stats.conversion_error` results."""
+    from rich.console import Console
+
+    console = console or Console()
+    for table in (stats_tables(stats) if stats else []) + ([error_table(errors)] if errors else []):
+        console.print(table)
