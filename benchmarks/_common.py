@@ -72,6 +72,45 @@ def time_interleaved(fns: dict, repeats: int, warmup: int = 1, device: str = "cp
     return {"wall": {n: statistics.median(t) for n, t in wall.items()}, "cpu": {n: statistics.median(t) for n, t in cpu.items()}}
 
 
+def add_device_args(ap) -> None:
+    """``--device`` and ``--dtype`` (bf16: every candidate under autocast) for the scripts that run on GPUs too."""
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast around every call")
+
+
+def autocast(device: str, dtype: str):
+    """The autocast context of ``--dtype`` on ``device`` (a no-op for fp32)."""
+    import contextlib
+
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def cuda_peak_mb(fn, device: str) -> float:
+    """Peak CUDA memory one call of ``fn`` allocates above what was allocated before it (MiB)."""
+    sync(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def peak_mb(fn, device: str) -> float:
+    """Peak memory of one call: CUDA allocations on a GPU, resident memory on the CPU."""
+    return cuda_peak_mb(fn, device) if device.startswith("cuda") else peak_rss_mb(fn)
+
+
+def layout(module: nn.Module) -> str:
+    """The memory layout of a network's first 4-D weight (what its convolutions run in)."""
+    weight = next((p for p in module.parameters() if p.dim() == 4), None)
+    if weight is None:
+        return "none"
+    return "channels_last" if weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous() else "nchw"
+
+
 def _status_kb(field: str) -> int:
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
 
@@ -203,7 +242,9 @@ def peers(ann: nn.Module, want: list[str]) -> dict[str, nn.Module]:
     """The SNN engines compared, each a module called as ``engine(x, timesteps)`` → ``[T, B, classes]``."""
     engines = {}
     if "engine" in want:
-        engines["engine"] = qs.convert(ann)
+        engines["engine"] = qs.convert(ann)  # its defaults, the layout it picks included
+    if "engine_nchw" in want:  # the same engine held to PyTorch's default layout: what the choice of layout gains
+        engines["engine_nchw"] = qs.convert(ann, memory_format=torch.contiguous_format)
     if "snntorch" in want:
         engines["snntorch"] = SnnTorchStepLoop(ann)
     if "spikingjelly" in want and spikingjelly_available():

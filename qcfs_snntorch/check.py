@@ -91,6 +91,8 @@ REASONS = {
     "norm": "per-sample normalisation (statistics of the activations) is not linear in spike rates",
     "attention": "attention multiplies activations with each other; not rate-codable by IF neurons",
     "nonlinear": "a non-linear function of the activations, not expressible by IF neurons",
+    "threshold": "a QCFS whose λ is ≤ 0: its neuron would have no threshold to fire at; train it again or "
+    "set λ from data (model.threshold_init=data)",
     "shared": "one activation module used at several places (or in a loop): converted, they would share one "
     "membrane; each call needs its own module (create_model does this where the calls are distinct in the source)",
 }
@@ -214,6 +216,8 @@ def _scan(model: nn.Module) -> tuple[list[Problem], int, list[str], list[str]]:
     calls: Counter = Counter()
     for name, module in model.named_modules():
         if isinstance(module, (QCFS, MultiStepNeuron)):
+            if not module.threshold.is_meta and not bool((module.threshold > 0).all()):
+                problems.append(Problem(name, type(module).__name__, REASONS["threshold"], "threshold"))
             continue
         kind = next((kind for classes, kind in _MODULE_RULES if isinstance(module, classes)), None)
         if kind:

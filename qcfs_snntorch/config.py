@@ -63,8 +63,10 @@ class DataConfig:
     autoaugment: bool = False  # CIFAR policy
     cutout: int = 0  # side of the Cutout square in pixels, 0 = off
     val_split: float = 0.1  # fraction of each class of the training split held out for every choice a run makes
+    split_seed: int = 0  # draws the validation split: the same held-out images whatever the run's seed
     train_subset: int | None = None  # a fixed random subset, for quick runs
     eval_subset: int | None = None
+    in_memory: bool = False  # small images (≤ 64 px): decode once into a uint8 tensor, augment whole batches on the device
 
 @dataclass
 class OptimConfig:
@@ -95,7 +97,13 @@ class SNNConfig:
     calibrate_timesteps: list[int] = field(default_factory=lambda: [1, 2, 4])  # one calibrated SNN per T
     calibrate_samples: int = 256  # training images used to calibrate
     stats_timesteps: int = 8  # T of the spike/energy statistics
-    stats_samples: int = 64  # eval images used for statistics and per-layer conversion error
+    stats_samples: int = 64  # test images (a seeded random sample) for statistics and per-layer conversion error
+    nir_portable: bool | None = None  # snn.nir: only node types every NIR consumer maps (null: when that is exact)
+    max_spikes: int = 1  # spikes a neuron may send per step: 1 = binary IF; B > 1 = graded (QCFS at L = B·T)
+    early_exit: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.99])  # thresholds τ to report
+    early_exit_rule: str = "confidence"  # confidence: max softmax of the mean output | margin: top-1 − top-2
+    early_exit_reference: int = 4  # chosen τ: fewest mean steps within early_exit_tolerance of this fixed T (≤ max T) ...
+    early_exit_tolerance: float = 0.005  # ... on the validation split (a fraction: 0.005 = 0.5 points)
 
 @dataclass
 class FinetuneConfig(OptimConfig):
@@ -207,6 +215,7 @@ def load_config(overrides: list[str] | None = None, recipe_dir: Path | None = No
 SURROGATE_NAMES = ("triangle", "rectangle", "atan", "sigmoid")
 CALIBRATION_METHODS = ("layer", "channel")
 SCHEDULER_NAMES = ("cosine", "tanh", "step", "multistep", "poly", "none")
+EARLY_EXIT_RULES = ("confidence", "margin")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
 # Keys whose values are checked where they are used, before any work: a model name, its kwargs and
 # activation groups by create_model (ModelError), files and folders when they are opened.
@@ -297,14 +306,18 @@ RULES: dict[str, callable] = {
     "model.pretrained": _anything,
     "data.name": _choice(DATASETS), "data.image_size": _optional(_integer(8, 4096)), "data.batch_size": _POSITIVE,
     "data.eval_batch_size": _POSITIVE, "data.num_workers": _COUNT, "data.download": _anything,
-    "data.autoaugment": _anything, "data.cutout": _COUNT, "data.val_split": _number(0, 0.9),
-    "data.train_subset": _optional(_POSITIVE), "data.eval_subset": _optional(_POSITIVE),
+    "data.autoaugment": _anything, "data.cutout": _COUNT, "data.val_split": _number(0, 0.9), "data.split_seed": _integer(0, 2**32 - 1),
+    "data.train_subset": _optional(_POSITIVE), "data.eval_subset": _optional(_POSITIVE), "data.in_memory": _anything,
     **{f"train.{k}": rule for k, rule in _OPTIM.items()},
     "train.levels_choices": _each(_POSITIVE),
     "snn.timesteps": _each(_POSITIVE, nonempty=True, example=", e.g. [1,2,4,8]"),
     "snn.chunk_size": _optional(_POSITIVE), "snn.fold_bn": _anything,
     "snn.calibrate": _each(_choice(CALIBRATION_METHODS)), "snn.calibrate_timesteps": _each(_POSITIVE),
     "snn.calibrate_samples": _POSITIVE, "snn.stats_timesteps": _POSITIVE, "snn.stats_samples": _POSITIVE,
+    "snn.nir_portable": _anything,
+    "snn.max_spikes": _integer(1, 64), "snn.early_exit": _each(_number(0, 1)),
+    "snn.early_exit_rule": _choice(EARLY_EXIT_RULES), "snn.early_exit_reference": _POSITIVE,
+    "snn.early_exit_tolerance": _number(0, 1),
     **{f"finetune.{k}": rule for k, rule in _OPTIM.items()},
     "finetune.timesteps": _POSITIVE, "finetune.surrogate": _choice(SURROGATE_NAMES),
     "finetune.surrogate_width": _number(0, low_open=True), "finetune.learn_threshold": _anything,
@@ -354,6 +367,11 @@ def _cross_checks(cfg: RunConfig) -> None:
     size = cfg.data.image_size or (8 if cfg.data.name == "digits" else 224 if cfg.data.name == "imagenet" else 32)
     if cfg.data.cutout > size:
         raise ConfigError(f"data.cutout={cfg.data.cutout} is larger than the {size}-pixel images; use 0 (off) to {size}")
+    if cfg.data.in_memory and (cfg.data.name == "digits" or size > 64 or cfg.data.autoaugment):
+        why = ("digits are tensors in memory already" if cfg.data.name == "digits" else
+               "it has no per-image AutoAugment: give data.autoaugment=false" if cfg.data.autoaugment else
+               f"it is for small images (≤ 64 px), not {size}-pixel ones, which stream from disk with data.num_workers")
+        raise ConfigError(f"data.in_memory=true does not fit these settings: {why}")
     for section in ("train", "finetune"):
         opt = getattr(cfg, section)
         if opt.epochs and opt.warmup_epochs > opt.epochs:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import timm
+import torch
 from timm.layers import SelectAdaptivePool2d
 from timm.layers.adaptive_avgmax_pool import (
     AdaptiveAvgMaxPool2d,
@@ -45,6 +46,7 @@ __all__ = [
     "replace_pooling",
     "register_activation",
     "apply_cifar_stem",
+    "start_residual_branches",
 ]
 
 def _max_to_avg(pool: nn.MaxPool2d) -> nn.Module | None:
@@ -285,6 +287,25 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def start_residual_branches(model: nn.Module) -> int:
+    """Give every BatchNorm that timm initialised to zero (the last of each residual branch) γ = 1; returns the count.
+
+    A zero-initialised branch adds exactly zero at first, which a ReLU network can afford:
+    the tiny values that still reach its ReLUs pass, and so does their gradient. QCFS floors
+    them to zero and has no gradient at exactly zero, so a block whose shortcut carries
+    nothing yet (a strided 1×1 shortcut sees only the image corner, constant on digit-like
+    images) never starts to train: a RegNet stayed at chance on digits. Started branches
+    train the QCFS network about as fast as its ReLU twin (docs/RESULTS.md).
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None and not module.weight.any():
+            module.weight.fill_(1.0)
+            count += 1
+    return count
+
+
 def _build_timm(name: str, *, pretrained: bool, pretrained_file: str | None, **kwargs) -> nn.Module:
     """``timm.create_model`` with every failure a user can cause turned into a :class:`ModelError`."""
     if pretrained_file is not None:
@@ -367,5 +388,7 @@ def create_model(
     model, act_counts = replace_activations(model, levels=levels, threshold=threshold, groups=activations)
     model, calls = rewrite_activation_calls(model, levels=levels, threshold=threshold, groups=activations)
     model, pool_counts = replace_pooling(model)
-    model.qcfs_surgery = {"activations": dict(act_counts), "calls": calls, "pooling": dict(pool_counts)}
+    started = 0 if (pretrained or pretrained_file) else start_residual_branches(model)
+    model.qcfs_surgery = {"activations": dict(act_counts), "calls": calls, "pooling": dict(pool_counts),
+                          "residual_branches_started": started}
     return model

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["QCFS", "qcfs"]
+__all__ = ["MIN_THRESHOLD", "QCFS", "qcfs"]
 
 
 class _QCFSFunction(torch.autograd.Function):
@@ -48,12 +48,24 @@ class _QCFSFunction(torch.autograd.Function):
 
 
 def _levels_of(z: torch.Tensor, threshold: torch.Tensor, levels: int, shift: float) -> torch.Tensor:
-    """clip(floor(z·L/λ + φ), 0, L), computed in one new tensor."""
-    return torch.mul(z, levels / threshold).add_(shift).floor_().clamp_(0, levels)
+    """clip(floor(z·L/λ + φ), 0, L), computed in one new tensor as ⌊(z + φ·s)/s⌋ with the step
+    s = λ/L: the arithmetic a graded neuron with spike unit s does in its first step, so that
+    the SNN with B = L at T = 1 reproduces this activation bit for bit."""
+    step = threshold / levels
+    return torch.add(z, step * shift).div_(step).floor_().clamp_(0, levels)
+
+
+# λ is clamped here in the forward pass: a λ ≤ 0 reached by learning would divide by zero or flip signs.
+MIN_THRESHOLD = 1e-4
 
 
 def qcfs(z: torch.Tensor, threshold: torch.Tensor, levels: int, shift: float = 0.5) -> torch.Tensor:
-    """Functional QCFS; ``threshold`` is λ (a tensor broadcastable to ``z``)."""
+    """Functional QCFS; ``threshold`` is λ (a tensor broadcastable to ``z``), used clamped to
+    :data:`MIN_THRESHOLD` with a straight-through gradient, so a λ pushed below it (by weight
+    decay, say) computes as that minimum and can still be pulled back."""
+    with torch.no_grad():
+        correction = threshold.clamp_min(MIN_THRESHOLD) - threshold
+    threshold = threshold + correction
     if threshold.dtype != z.dtype:
         # Under autocast z may be bf16/fp16 while λ stays fp32: compute in z's dtype.
         threshold = threshold.to(z.dtype)
@@ -66,15 +78,21 @@ class QCFS(nn.Module):
     Args:
         levels: number of quantization levels L (> 0). An SNN run for T steps computes,
             layer by layer, what this activation computes with ``levels = T``.
-        threshold: initial λ, the clip value and later the neuron's firing threshold.
-            Learnable; the paper starts at 8.0 (a start near 1 can drive λ negative).
-        shift: φ, 1/2 in the paper (zero expected conversion error).
+        threshold: initial λ (> 0), the clip value and later the neuron's firing threshold.
+            Learnable; the paper starts at 8.0 (a start near 1 can drive λ negative, so the
+            forward pass clamps it at :data:`MIN_THRESHOLD`).
+        shift: φ in [0, 1), 1/2 in the paper (zero expected conversion error); the
+            converted neuron starts at v(0) = φ·θ, so any φ converts to the same function.
         inplace: accepted so timm can build the class as an ``act_layer``; ignored,
             because the straight-through backward needs the input.
     """
 
     def __init__(self, levels: int = 4, threshold: float = 8.0, shift: float = 0.5, inplace: bool = False):
         super().__init__()
+        if not threshold > 0:
+            raise ValueError(f"QCFS threshold λ must be > 0, got {threshold!r}")
+        if not 0.0 <= shift < 1.0:
+            raise ValueError(f"QCFS shift φ must be in [0, 1), got {shift!r}")
         self.levels = levels
         self.shift = float(shift)
         self.threshold = nn.Parameter(torch.tensor(float(threshold)))

@@ -28,6 +28,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .early_exit import exit_scores
 from .neurons import MultiStepNeuron
 from .tracing import LeafTracer, spiking_neurons
 
@@ -127,6 +128,13 @@ def _split_graph(graph: torch.fx.Graph, static: set, varying: set, boundary: lis
     return head, rest
 
 
+def _step_count(timesteps) -> int:
+    """A number of steps as an int: a positive integer, or a float equal to one (2.0, not 2.7)."""
+    if isinstance(timesteps, bool) or not isinstance(timesteps, (int, float)) or timesteps != int(timesteps) or timesteps < 1:
+        raise ValueError(f"timesteps must be a positive integer, got {timesteps!r}")
+    return int(timesteps)
+
+
 class SpikingModel(nn.Module):
     """A converted network whose activations are :class:`MultiStepNeuron` modules.
 
@@ -195,11 +203,23 @@ class SpikingModel(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
         """Per-step outputs ``[T, B, …]``; the prediction after t steps is their mean over the first t."""
         static = timesteps is not None
-        total = int(timesteps) if static else x.shape[0]
-        if total <= 0:
-            raise ValueError(f"timesteps must be a positive integer, got {timesteps!r}")
+        total = _step_count(timesteps) if static else x.shape[0]
         outputs = list(self._chunks(x, total, static))
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    @torch.no_grad()
+    def running_means(self, x: torch.Tensor, timesteps: int) -> torch.Tensor:
+        """``[T, B, …]``: the mean output over the first t steps at row t − 1, for every t ≤ T, from one run."""
+        total = _step_count(timesteps)
+        sums, running = [], None
+        for out in self._chunks(x, total, static=True):
+            partial = out.float().cumsum(0)
+            if running is not None:
+                partial += running
+            sums.append(partial)
+            running = partial[-1]
+        counts = torch.arange(1, total + 1, device=running.device, dtype=torch.float32)
+        return torch.cat(sums) / counts.reshape(-1, *[1] * (running.dim()))
 
     @torch.no_grad()
     def cumulative_predictions(self, x: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
@@ -207,17 +227,43 @@ class SpikingModel(nn.Module):
 
         Returns ``[len(timesteps), B]`` (argmax of the mean output over the first T steps).
         """
-        total = max(timesteps)
-        found: dict[int, torch.Tensor] = {}
-        running = None
-        done = 0
-        for out in self._chunks(x, total, static=True):
-            partial = out.float().cumsum(0)
-            if running is not None:
-                partial += running
-            for t in set(timesteps):
-                if done < t <= done + out.shape[0]:
-                    found[t] = partial[t - done - 1].argmax(-1)
-            running = partial[-1]
-            done += out.shape[0]
-        return torch.stack([found[t] for t in timesteps])
+        means = self.running_means(x, max(timesteps))
+        return means[[int(t) - 1 for t in timesteps]].argmax(-1)
+
+    @torch.no_grad()
+    def predict_early(self, x: torch.Tensor, max_timesteps: int, threshold: float, rule: str = "confidence"):
+        """Predictions of a static input, each sample stopped once its running prediction scores ≥ ``threshold``.
+
+        Runs one step at a time; after each step the samples whose mean output is confident
+        (see :mod:`qcfs_snntorch.early_exit`) are dropped from the batch, with their neurons'
+        state, and the run ends when none is left or at ``max_timesteps``. Returns
+        ``(predictions [B], steps [B], mean outputs [B, …])``: the same as
+        :func:`~qcfs_snntorch.early_exit.exit_steps` on a full run, at a fraction of its cost.
+        """
+        total = _step_count(max_timesteps)
+        split = self._split() if self.static_head else None
+        feats = split.head(x) if split is not None and split.usable else None
+        if feats is not None and not all(isinstance(f, torch.Tensor) and f.dim() and f.shape[0] == x.shape[0] for f in feats):
+            split.usable, feats = False, None
+        self.reset()
+        active = torch.arange(x.shape[0], device=x.device)
+        sums = steps = means = None
+        for t in range(1, total + 1):
+            if feats is not None:
+                out = self._run(split.rest, [f[active] for f in feats], 1)[0].float()
+            else:
+                out = self._run(self.net, [x[active]], 1)[0].float()
+            if sums is None:
+                sums = torch.zeros(x.shape[0], *out.shape[1:], device=out.device)
+                means, steps = torch.zeros_like(sums), torch.zeros(x.shape[0], dtype=torch.long, device=out.device)
+            sums[active] += out
+            current = sums[active] / t
+            stop = exit_scores(current, rule) >= threshold if t < total else torch.ones_like(active, dtype=torch.bool)
+            means[active[stop]], steps[active[stop]] = current[stop], t
+            active = active[~stop]
+            if not len(active):
+                break
+            for neuron in self.neurons():
+                neuron.keep(~stop)
+        self.reset()
+        return means.argmax(-1), steps, means

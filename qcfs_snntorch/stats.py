@@ -18,12 +18,14 @@ Counting conventions (those of the ANN-SNN conversion literature):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from .neurons import MultiStepNeuron
+from .neurons.base import usable_threshold
 from .tracing import LeafTracer, eval_mode, forward_hooks, qcfs_layers, spiking_neurons
 
 __all__ = ["PJ_PER_MAC", "PJ_PER_AC", "spike_stats", "conversion_error"]
@@ -51,39 +53,21 @@ def _analog_layers(net: nn.Module) -> set[str] | None:
     return analog
 
 
-def spike_stats(
-    snn: nn.Module,
-    x: torch.Tensor,
-    timesteps: int,
-    *,
-    pj_per_mac: float = PJ_PER_MAC,
-    pj_per_ac: float = PJ_PER_AC,
-) -> dict:
-    """Firing rates, synaptic operations and an energy estimate of ``snn`` on batch ``x`` over ``timesteps``.
-
-    Returns a dict (all numbers per sample, for the whole run of T steps unless named a rate)::
-
-        {"timesteps": T, "batch_size": B,
-         "neurons": [{"name", "neurons", "firing_rate", "spikes"}],        # rate: spikes/neuron/step
-         "layers":  [{"name", "type", "macs", "input_rate", "op", "ops", "energy_uj"}],
-                                       # macs: one step, one sample; op: "MAC" | "AC"; ops = input_rate·T·macs
-         "totals":  {"neurons", "spikes", "firing_rate", "snn_macs", "snn_acs", "snn_energy_uj",
-                     "ann_macs", "ann_energy_uj", "energy_ratio"},
-         "energy_model": {"pj_per_mac", "pj_per_ac", "note"}}
-    """
+def _count(snn: nn.Module, x: torch.Tensor, timesteps: int):
+    """Run ``snn`` on ``x`` with hooks: per neuron [events, spikes, elements]; per weighted layer
+    [nonzero inputs, input elements, MACs per sample]; and the order layers and neurons ran in."""
     net = snn.net
     names = {m: n for n, m in net.named_modules()}
-    analog = _analog_layers(net)
-    steps_and_batch = timesteps * x.shape[0]
-    neuron_counts: dict[str, list[float]] = {}  # name → [spikes, elements]
-    layer_counts: dict[str, list[float]] = {}  # name → [nonzero inputs, input elements, macs per item]
+    neuron_counts: dict[str, list[float]] = {}
+    layer_counts: dict[str, list[float]] = {}
     order: list[str | None] = []  # layers in execution order, None for a neuron: the untraceable fallback
 
     def on_neuron(module, inputs, output):
         order.append(None)
-        c = neuron_counts.setdefault(names[module], [0.0, 0.0])
-        c[0] += torch.count_nonzero(output).item()
-        c[1] += output.numel()
+        c = neuron_counts.setdefault(names[module], [0.0, 0.0, 0.0])
+        c[0] += torch.count_nonzero(output).item()  # a step with k ≥ 1 spikes is one event
+        c[1] += (output.float() / usable_threshold(module.threshold)).sum().item()  # k summed: spikes of value θ
+        c[2] += output.numel()
 
     def on_layer(module, inputs, output):
         name = names[module]
@@ -98,50 +82,97 @@ def spike_stats(
     pairs += [(m, on_layer) for m in net.modules() if isinstance(m, _WEIGHTED)]
     with eval_mode(snn), forward_hooks(pairs):
         snn(x, timesteps=timesteps)
-    if analog is None:  # no trace: a layer that ran before any neuron can only see the input
-        analog = set(order[: order.index(None)] if None in order else order)
+    return neuron_counts, layer_counts, order
 
-    neurons = []
-    for name, (spikes, elements) in neuron_counts.items():
-        per_item = elements / steps_and_batch
-        rate = spikes / elements
-        neurons.append({"name": name, "neurons": int(per_item), "firing_rate": rate, "spikes": rate * per_item * timesteps})
-    layers = []
+
+def _payload_bits(max_spikes: int) -> int:
+    """Bits an event carries to say how many spikes it stands for (1 for a binary spike)."""
+    return max(1, math.ceil(math.log2(max_spikes + 1)))
+
+
+def _neuron_rows(snn, neuron_counts: dict, timesteps: int, batch: int) -> list[dict]:
+    rows = []
+    for name, (events, spikes, elements) in neuron_counts.items():
+        per_sample = elements / (timesteps * batch)
+        bits = _payload_bits(snn.net.get_submodule(name).max_spikes)
+        rows.append({"name": name, "neurons": int(per_sample), "firing_rate": events / elements,
+                     "events": events / batch, "spikes": spikes / batch, "payload_bits": bits * events / batch})
+    return rows
+
+
+def _layer_rows(snn, layer_counts: dict, analog: set, timesteps: int, pj_per_mac: float, pj_per_ac: float) -> list[dict]:
+    rows = []
     for name, (nonzero, elements, macs) in layer_counts.items():
-        module = net.get_submodule(name)
         rate = nonzero / elements
         op = "MAC" if name in analog else "AC"
         ops = rate * timesteps * macs
-        energy = ops * (pj_per_mac if op == "MAC" else pj_per_ac) * 1e-6
-        layers.append({"name": name, "type": type(module).__name__, "macs": int(macs), "input_rate": rate, "op": op, "ops": ops, "energy_uj": energy})
+        rows.append({"name": name, "type": type(snn.net.get_submodule(name)).__name__, "macs": int(macs), "input_rate": rate,
+                     "op": op, "ops": ops, "energy_uj": ops * (pj_per_mac if op == "MAC" else pj_per_ac) * 1e-6})
+    return rows
 
+
+def _totals(neurons: list[dict], layers: list[dict], timesteps: int, pj_per_mac: float) -> dict:
     total_neurons = sum(n["neurons"] for n in neurons)
-    total_spikes = sum(n["spikes"] for n in neurons)
-    snn_macs = sum(lay["ops"] for lay in layers if lay["op"] == "MAC")
-    snn_acs = sum(lay["ops"] for lay in layers if lay["op"] == "AC")
+    events = sum(n["events"] for n in neurons)
     snn_energy = sum(lay["energy_uj"] for lay in layers)
     ann_macs = sum(lay["macs"] for lay in layers)
     ann_energy = ann_macs * pj_per_mac * 1e-6
+    return {
+        "neurons": total_neurons,
+        "events": events,
+        "spikes": sum(n["spikes"] for n in neurons),
+        "payload_bits": sum(n["payload_bits"] for n in neurons),
+        "firing_rate": events / (total_neurons * timesteps) if total_neurons else 0.0,
+        "snn_macs": sum(lay["ops"] for lay in layers if lay["op"] == "MAC"),
+        "snn_acs": sum(lay["ops"] for lay in layers if lay["op"] == "AC"),
+        "snn_energy_uj": snn_energy,
+        "ann_macs": ann_macs,
+        "ann_energy_uj": ann_energy,
+        "energy_ratio": snn_energy / ann_energy if ann_energy else None,
+    }
+
+
+def spike_stats(
+    snn: nn.Module,
+    x: torch.Tensor,
+    timesteps: int,
+    *,
+    pj_per_mac: float = PJ_PER_MAC,
+    pj_per_ac: float = PJ_PER_AC,
+) -> dict:
+    """Spike events, synaptic operations and an energy estimate of ``snn`` on batch ``x`` over ``timesteps``.
+
+    A neuron sends at most one event per step; a graded neuron's event carries a payload
+    (k spikes of value θ, k ≤ B, in ⌈log₂(B+1)⌉ bits). Returns a dict (numbers per sample,
+    for the whole run of T steps unless named a rate)::
+
+        {"timesteps": T, "batch_size": B,
+         "neurons": [{"name", "neurons", "firing_rate", "events", "spikes", "payload_bits"}],
+                    # firing_rate: events/neuron/step; spikes: Σk (= events for binary neurons)
+         "layers":  [{"name", "type", "macs", "input_rate", "op", "ops", "energy_uj"}],
+                    # macs: one step, one sample; op: "MAC" | "AC"; ops = input_rate·T·macs
+         "totals":  {"neurons", "events", "spikes", "payload_bits", "firing_rate", "snn_macs", "snn_acs",
+                     "snn_energy_uj", "ann_macs", "ann_energy_uj", "energy_ratio"},
+         "energy_model": {"pj_per_mac", "pj_per_ac", "note"}}
+    """
+    analog = _analog_layers(snn.net)
+    neuron_counts, layer_counts, order = _count(snn, x, timesteps)
+    if analog is None:  # no trace: a layer that ran before any neuron can only see the input
+        analog = set(order[: order.index(None)] if None in order else order)
+    neurons = _neuron_rows(snn, neuron_counts, timesteps, x.shape[0])
+    layers = _layer_rows(snn, layer_counts, analog, timesteps, pj_per_mac, pj_per_ac)
     return {
         "timesteps": int(timesteps),
         "batch_size": int(x.shape[0]),
         "neurons": neurons,
         "layers": layers,
-        "totals": {
-            "neurons": total_neurons,
-            "spikes": total_spikes,
-            "firing_rate": total_spikes / (total_neurons * timesteps) if total_neurons else 0.0,
-            "snn_macs": snn_macs,
-            "snn_acs": snn_acs,
-            "snn_energy_uj": snn_energy,
-            "ann_macs": ann_macs,
-            "ann_energy_uj": ann_energy,
-            "energy_ratio": snn_energy / ann_energy if ann_energy else None,
-        },
+        "totals": _totals(neurons, layers, timesteps, pj_per_mac),
         "energy_model": {
             "pj_per_mac": pj_per_mac,
             "pj_per_ac": pj_per_ac,
-            "note": "estimate (45 nm figures, Horowitz 2014): synaptic operations only, per sample over all steps",
+            "note": "estimate (45 nm figures, Horowitz 2014): synaptic operations only, per sample over all steps; "
+            "an event of a graded neuron counts as one accumulate per synapse (its payload scales the weight, as on "
+            "hardware that carries spike payloads), and its payload bits are reported apart",
         },
     }
 

@@ -18,3 +18,24 @@ def randomise(model: nn.Module, seed: int = 0, thresholds: tuple[float, float] |
         if thresholds is not None and isinstance(m, QCFS):
             m.threshold.data = torch.empty(()).uniform_(*thresholds, generator=gen)
     return model.eval()
+
+
+class SmallResNet(nn.Module):
+    """conv-BN-QCFS stem, one residual block (identity or 1×1-conv shortcut), avgpool, linear."""
+
+    def __init__(self, conv_shortcut: bool = False):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), QCFS(threshold=1.7))
+        self.conv1, self.bn1, self.act1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), QCFS(threshold=0.8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.shortcut = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)) if conv_shortcut else nn.Identity()
+        self.act2 = QCFS(threshold=1.3)
+        self.pool = nn.AvgPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+        x = self.act2(y + self.shortcut(x))
+        return self.fc(self.flatten(self.pool(x)))

@@ -11,6 +11,7 @@ import pytest
 from qcfs_snntorch.config import (
     CALIBRATION_METHODS,
     CHECKED_WHEN_USED,
+    EARLY_EXIT_RULES,
     RULES,
     SCHEDULER_NAMES,
     SURROGATE_NAMES,
@@ -89,10 +90,13 @@ INVALID = {
     "model.cifar_stem": None, "model.pretrained": None,
     "data.name": "mnist", "data.image_size": "4", "data.batch_size": "0", "data.eval_batch_size": "0",
     "data.num_workers": "-1", "data.download": None, "data.autoaugment": None, "data.cutout": "-1",
-    "data.val_split": "1.0", "data.train_subset": "0", "data.eval_subset": "0",
+    "data.val_split": "1.0", "data.split_seed": "-1", "data.train_subset": "0", "data.eval_subset": "0", "data.in_memory": None,
     "train.levels_choices": "[0]",
     "snn.timesteps": "[0]", "snn.chunk_size": "0", "snn.fold_bn": None, "snn.calibrate": "[pixel]",
     "snn.calibrate_timesteps": "[0]", "snn.calibrate_samples": "0", "snn.stats_timesteps": "0", "snn.stats_samples": "0",
+    "snn.nir_portable": None,
+    "snn.max_spikes": "0", "snn.early_exit": "[1.5]", "snn.early_exit_rule": "entropy", "snn.early_exit_reference": "0",
+    "snn.early_exit_tolerance": "-0.1",
     "finetune.timesteps": "0", "finetune.surrogate": "tanh", "finetune.surrogate_width": "0",
     "finetune.learn_threshold": None, "finetune.bn": "batch", "finetune.loss": "hinge", "finetune.timesteps_choices": "[0]",
     "finetune.progressive": "[-4]", "finetune.distill": "1.5", "finetune.distill_temperature": "0",
@@ -130,9 +134,11 @@ def test_booleans_refuse_other_types(key):
 def test_choice_tables_match_the_package():
     """config.py imports nothing of the package, so its tables of names are checked here."""
     from qcfs_snntorch.calibration import METHODS
+    from qcfs_snntorch.early_exit import RULES
     from qcfs_snntorch.neurons import SURROGATES
     from qcfs_snntorch.training import SCHEDULERS
 
+    assert EARLY_EXIT_RULES == RULES
     assert set(SURROGATE_NAMES) == set(SURROGATES)
     assert set(CALIBRATION_METHODS) == set(METHODS)
     assert SCHEDULER_NAMES == SCHEDULERS

@@ -2,10 +2,13 @@
 
 For each convertible family: build with QCFS (L = 4), set BN statistics and λ from
 structured random images, convert, and compare the SNN's mean output after T steps with
-the same network at QCFS L = T (what an SNN at T steps approximates; see NOTES §1). At
-T = 256 they must agree (relative error ≤ 0.1 or the same argmax), and the error must not
-be larger than at T = 32. One run gives both (the output after 32 steps is the mean of
-the first 32). Refused families must be refused with the module paths that cause it.
+the same network at QCFS L = T (what an SNN at T steps approximates; Bu et al., ICLR 2022). At
+T = 256 (more for the deepest random nets) the relative error of the logits must be ≤ 0.12, and
+not larger than at T = 32; one run gives both (the output after 32 steps is the mean of the
+first 32). The classifier's rows are made zero-sum so that the network's predictions differ
+between inputs (a random head on non-negative rates predicts one class for everything, and a
+relative error against such logits says little). Refused families must be refused with the
+module paths that cause it.
 
 Sizes are cut through timm's own kwargs (depths, widths) so the file runs in about a
 minute on one core; the architecture of each family (stem, block type, pooling, residual
@@ -71,21 +74,24 @@ def _tiny_repvgg(monkeypatch):
 
 # family -> (timm name, kwargs or a function(monkeypatch) -> kwargs, T for the final comparison)
 CONVERTIBLE = {
-    "resnet": ("test_resnet", {}, 256),
-    "resnet-d": ("resnet18d", dict(layers=(1, 1, 1, 1), stem_width=8, channels=(16, 16, 32, 32)), 256),
-    "resnet-t": ("resnet10t", dict(stem_width=8, channels=(16, 16, 32, 32)), 256),
-    "resnext": ("resnext50_32x4d", dict(layers=(1, 1, 1, 1), channels=(8, 8, 16, 16), cardinality=4, base_width=16), 256),
+    "resnet": ("test_resnet", {}, 1024),
+    "resnet-d": ("resnet18d", dict(layers=(1, 1, 1, 1), stem_width=8, channels=(16, 16, 32, 32)), 1024),
+    "resnet-t": ("resnet10t", dict(stem_width=8, channels=(16, 16, 32, 32)), 1024),
+    "resnext": ("resnext50_32x4d", dict(layers=(1, 1, 1, 1), channels=(8, 8, 16, 16), cardinality=4, base_width=16), 1024),
     "wide_resnet": ("wide_resnet50_2", dict(layers=(1, 1, 1, 1), channels=(8, 8, 16, 16)), 256),
     "vgg": ("vgg11", _tiny_vgg, 256),
-    "regnetx": ("regnetx_002", dict(depth=5, w0=8, wa=10.0, wm=2.0, group_size=8, stem_width=8), 256),
+    "regnetx": ("regnetx_002", dict(depth=5, w0=8, wa=10.0, wm=2.0, group_size=8, stem_width=8), 1024),
     "densenet": ("densenet121", dict(growth_rate=8, block_config=(1, 2, 2, 1)), 256),
     "repvgg": ("repvgg_a0", _tiny_repvgg, 256),
-    "darknet": ("darknet17", _tiny_darknet, 256),
-    "cspdarknet": ("cspdarknet53", _tiny_cspdarknet, 256),
-    # Random weights amplify the per-layer (unevenness) error by ~1.1-1.2 per layer; in
-    # these two, even at their smallest depth, the error at T = 256 is still 0.3-0.4 and
-    # shrinks steadily with T (checked layer by layer: no single layer jumps). They are
-    # compared at a larger T (trained networks match their ANN at far lower T; NOTES §1).
+    "darknet": ("darknet17", _tiny_darknet, 1024),
+    "cspdarknet": ("cspdarknet53", _tiny_cspdarknet, 2048),
+    # Random weights amplify the per-layer (unevenness) error by ~1.1-1.2 per layer, and with
+    # every residual branch started (create_model gives timm's zero-initialised last BatchNorms
+    # γ = 1) the random nets are effectively deeper: the relative error falls about 4× per 4× T,
+    # and the deeper families are compared at a larger T (measured at 256 / 1024 / 2048: resnet
+    # 0.12 / 0.03 / 0.02, regnetx 0.30 / 0.08 / 0.04, cspdarknet 0.44 / 0.13 / 0.07, dla 0.41 / 0.10
+    # / 0.06, mobilenetv2 0.59 / 0.19 / 0.09). Trained networks match their ANN at far lower T (the
+    # paper's SNNs at T ≥ 32 match their L = 4 ANNs).
     # DLA: one tree level per stage (its `levels` collides with create_model's, hence model_kwargs).
     "dla": ("dla34", dict(channels=(8, 8, 16, 16, 32, 32), model_kwargs=dict(levels=(1,) * 6)), 2048),
     "mobilenetv2": ("mobilenetv2_035", dict(depth_multiplier=0.01), 2048),  # one block per stage
@@ -104,6 +110,17 @@ def _set_levels(model, levels):
             m.levels = levels
 
 
+@torch.no_grad()
+def _classifier_without_common_mode(model) -> None:
+    """Zero-sum classifier rows: rates are non-negative, so a random classifier's logits are ruled by
+    the mean feature and it predicts one class for every input; without that common mode the
+    predictions depend on the features, and agreeing on them means something."""
+    head = model.get_classifier()
+    head.weight -= head.weight.mean(1, keepdim=True)
+    if head.bias is not None:
+        head.bias.zero_()
+
+
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
@@ -117,6 +134,7 @@ def test_snn_matches_ann_at_L_equal_T(family, monkeypatch):
     report = check(model)
     assert report.convertible, report.summary()
     calibrate_from_data(model, structured_images(4, seed=1))
+    _classifier_without_common_mode(model)
     x = structured_images(1, seed=2)[0]
 
     snn = convert(model, chunk_size=32)  # memory bounded by 32 steps, whatever T
@@ -125,8 +143,11 @@ def test_snn_matches_ann_at_L_equal_T(family, monkeypatch):
     for t in (T_SHORT, t_long):
         _set_levels(model, t)
         errors[t] = _relative_error(outputs[:t].mean(0), model(x))
-    agree = (outputs.mean(0).argmax(-1) == model(x).argmax(-1)).float().mean().item()
-    assert errors[t_long] <= 0.1 or agree >= 0.99, (family, errors, agree)
+    reference = model(x).argmax(-1)
+    # The comparison means something only where the network tells inputs apart.
+    assert reference.unique().numel() >= 2, (family, reference.tolist())
+    agree = (outputs.mean(0).argmax(-1) == reference).float().mean().item()
+    assert errors[t_long] <= 0.12, (family, errors, agree)
     assert errors[t_long] <= errors[T_SHORT], (family, errors)
 
 

@@ -15,6 +15,14 @@ from accelerate import debug_launcher
 RESULT = Path(os.environ.get("QCFS_TEST_TMP", "/tmp")) / f"qcfs_ddp_{os.getpid()}.json"
 
 
+def _fresh_state():
+    """Forget a single-process Accelerate state the parent test process may hold (the children inherit it)."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
 def _gathered_state(model, accelerator):
     """Every shared tensor's float64 sum and sum of squares, one row per rank."""
     from qcfs_snntorch.training import shared_state
@@ -32,6 +40,7 @@ def _disagreeing(names, rows):
 
 def _agreement_across_ranks():
     """Each rank sees different data; after every step the pipeline takes, what must agree does."""
+    _fresh_state()
     from torch.utils.data import DataLoader, TensorDataset
 
     import qcfs_snntorch as qs
@@ -93,6 +102,7 @@ def test_every_shared_tensor_agrees_across_ranks_fed_different_data(tmp_path):
 
 def _streaming_membranes():
     """Two streaming steps through DDP with a different input on each rank."""
+    _fresh_state()
     from accelerate.utils import broadcast
     from torch import nn
 
@@ -146,6 +156,7 @@ def test_streaming_membranes_stay_per_rank_under_ddp():
 
 
 def _evaluate_uneven():
+    _fresh_state()
     from accelerate import Accelerator
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
@@ -175,6 +186,7 @@ def test_evaluation_counts_every_sample_once_across_ranks():
 
 def _train_mlp(batch_size: int):
     """Trains a small QCFS MLP without BatchNorm on fixed data; rank 0 writes the weights."""
+    _fresh_state()
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 

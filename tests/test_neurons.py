@@ -121,7 +121,9 @@ def test_training_path_matches_inference_path():
     slow = snn(x, timesteps=6)
     torch.testing.assert_close(slow.detach(), fast, rtol=0, atol=1e-6)
     slow.mean(0).sum().backward()
-    assert snn.net[1].threshold.grad is not None and net[0].weight.grad is None
+    assert snn.net[1].threshold.grad is not None
+    # the surrogate carries the gradient through the neuron to the layer before it
+    assert snn.net[0].weight.grad is not None and snn.net[0].weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", ["triangle", "rectangle", "atan", "sigmoid"])

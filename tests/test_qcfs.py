@@ -1,4 +1,4 @@
-"""QCFS values and gradients against the formulas of the paper (NOTES §1)."""
+"""QCFS values and gradients against the formulas of the paper (Bu et al., ICLR 2022, eq. 11 and its straight-through gradient)."""
 
 import pytest
 import torch
@@ -8,7 +8,10 @@ from qcfs_snntorch.qcfs import qcfs
 
 
 def reference(z, lam, levels, shift=0.5):
-    return lam * torch.clamp(torch.floor(z * levels / lam + shift) / levels, 0, 1)
+    """λ·clip(floor(z·L/λ + φ)/L, 0, 1), written with the step s = λ/L as floor((z + φ·s)/s): the same
+    number, in the arithmetic a graded neuron does (so that the two agree bit for bit at ties too)."""
+    step = lam / levels
+    return step * torch.clamp(torch.floor((z + shift * step) / step), 0, levels)
 
 
 @pytest.mark.parametrize("levels", [1, 2, 4, 8, 16])
@@ -78,3 +81,24 @@ def test_bf16_autocast_input():
     out = act(z)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), reference(z.float(), torch.tensor(2.0), 4), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [dict(threshold=0.0), dict(threshold=-1.0), dict(shift=1.0), dict(shift=-0.1)])
+def test_bad_threshold_or_shift_is_refused(bad):
+    with pytest.raises(ValueError, match="threshold|shift"):
+        QCFS(**bad)
+
+
+def test_a_threshold_learned_below_zero_is_clamped_and_can_recover():
+    """λ reached ≤ 0 (weight decay, a large step) computes as the minimum, and its gradient still flows."""
+    from qcfs_snntorch.qcfs import MIN_THRESHOLD
+
+    act = QCFS(levels=4, threshold=1.0)
+    with torch.no_grad():
+        act.threshold.fill_(-0.5)
+    z = torch.tensor([-1.0, 0.0, 5e-5, 1.0])
+    out = act(z)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.0, MIN_THRESHOLD * 0.5, MIN_THRESHOLD]), rtol=1e-3, atol=0)
+    out.sum().backward()
+    assert act.threshold.grad is not None and act.threshold.grad.item() > 0  # above the range: ∂a/∂λ = 1 pulls λ up

@@ -10,6 +10,7 @@ ANN instead of retraining it, and the final weights must equal the reference's.
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from qcfs_snntorch.config import OptimConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -37,12 +36,6 @@ ARGS = [
     "finetune.checkpoint_every_steps=1",
     "snn.timesteps=[1,2]",
 ]
-
-pytestmark = pytest.mark.skipif(
-    "checkpoint_every_steps" not in OptimConfig.__dataclass_fields__,
-    reason="needs train/finetune.checkpoint_every_steps in qcfs_snntorch/config.py (OptimConfig)",
-)
-
 
 def launch(*args, stdout=None):
     return subprocess.run(
@@ -115,6 +108,8 @@ def test_killed_run_resumes_to_the_same_weights(reference, tmp_path):
     # 1. killed during ANN training, after a random one of its first step checkpoints
     launch_and_kill([*ARGS, f"run_dir={run}"], run / "checkpoints" / "ann", rng.randint(1, 6), tmp_path / "1.txt")
     assert not (run / "ann.safetensors").exists(), f"the kill came after ANN training ended {where}"
+    killed = json.loads((run / "report.json").read_text())  # a killed run's report says where it stopped
+    assert killed["status"] == "running" and killed["running_stage"] == "train", killed
 
     # 2. the same command with resume=true, killed again during fine-tuning
     launch_and_kill([*ARGS, f"run_dir={run}", "resume=true"], run / "checkpoints" / "snn", rng.randint(1, 3), tmp_path / "2.txt")
@@ -171,3 +166,35 @@ def test_resume_refuses_another_model(reference, tmp_path):
     (run / "config.yaml").write_text("model:\n  nmae: resnet18\n")
     with pytest.raises(ConfigError, match="does not pass the schema"):
         choose(load_config([*ARGS, f"run_dir={run}", "resume=true"]))
+
+
+def _copy_of(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    return copy
+
+
+def test_resume_with_a_changed_setting_reruns_what_it_affects(reference, tmp_path):
+    """Another surrogate: the ANN is reused, the stages that depend on the surrogate run again from scratch
+    (their old checkpoints are of another experiment), and the report records the new setting."""
+    run = _copy_of(reference, tmp_path)
+    result = launch(*ARGS, f"run_dir={run}", "resume=true", "finetune.surrogate=atan")
+    assert result.returncode == 0, result.stdout[-3000:]
+    out = result.stdout
+    assert "[ANN] training was complete: reusing" in out and "[ANN] epoch" not in out, out[-3000:]
+    assert "[snn] its checkpoints were written with other settings" in out and "finetune.surrogate='atan'" in out, out[-3000:]
+    assert "[SNN T=2] resumed from" not in out and "[SNN T=2] epoch 1/1" in out, out[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["stages"]["finetune"]["fingerprint"]["finetune.surrogate"] == "atan"
+    assert report["stages"]["train"] == json.loads((reference / "report.json").read_text())["stages"]["train"]
+
+
+def test_resume_with_more_epochs_continues_from_the_checkpoint(reference, tmp_path):
+    """More fine-tuning epochs: the same experiment, continued from its last checkpoint (not started over)."""
+    run = _copy_of(reference, tmp_path)
+    result = launch(*ARGS, f"run_dir={run}", "resume=true", "finetune.epochs=2")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "[SNN T=2] resumed from" in result.stdout and "epoch 1 of 2 done" in result.stdout, result.stdout[-3000:]
+    assert "[SNN T=2] epoch 1/2" not in result.stdout and "[SNN T=2] epoch 2/2" in result.stdout
+    history = json.loads((run / "report.json").read_text())["finetune"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]

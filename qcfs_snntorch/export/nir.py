@@ -1,49 +1,45 @@
 """export_nir: a converted network → a NIR graph (nir 1.0.8), written to an HDF5 file.
 
-What maps exactly
-- Conv1d/Conv2d → ``nir.Conv1d``/``nir.Conv2d``; Linear → ``nir.Affine`` (zero bias when
-  the layer has none). BatchNorm is folded into the preceding conv/linear (on a copy); a
-  BatchNorm2d that cannot be folded becomes a per-channel 1×1 ``nir.Conv2d``. nir 1.0.8
-  types a conv's input by ``weight.shape[1]`` (ignoring ``groups``) and sizes a Conv2d's
-  output by the kernel height alone, so ``nir.read`` rejects grouped or non-square
-  kernels as such: grouped weights are written block-diagonal (``groups = 1``) and a
-  non-square kernel is set in a square one of zeros with a padding that keeps its windows.
-- Average pooling without padding (and adaptive average pooling with an integer ratio)
-  → ``nir.AvgPool2d``; padded average pooling → ``nir.SumPool2d`` + ``nir.Scale`` holding
-  1 / (torch's divisor) per output position, so border windows are exact whatever
-  ``count_include_pad`` was. ``ceil_mode`` pooling whose last window overhangs the
-  bottom/right edge (NIR pads symmetrically and pools by the floor rule) → a
-  ``nir.Conv2d`` of ones per channel, padded by more on both sides with leading zero taps
-  so that its windows are torch's and their number is ceil_mode's, + the same ``nir.Scale``
-  (the overhang never counts in torch's divisor).
-- flatten → ``nir.Flatten`` (NIR shapes have no batch dimension: torch ``start_dim=1`` is
-  NIR ``start_dim=0``).
-- A residual add has no node: every summand gets an edge into the consumer (NIR sums
-  the incoming edges of a node).
-- Each IFNeuron → ``nir.IF`` with ``v_threshold = θ``, ``v_reset = 0`` and ``r`` (below),
-  as per-neuron arrays of the layer's shape. One step of our SNN is one unit of NIR time
-  (dt = 1): ``v += r · input`` per step.
+Two forms (docs/NIR.md has the tables):
 
-Spike value. A NIR spike is 1; ours is worth θ. The exporter folds θ into whatever
-consumes the spikes, so a plain NIR consumer computes the same function. Every signal
-carries a scale (its real value = scale × its NIR value): an IF emits scale θ; a
-conv/linear multiplies its weights by the scale of its input and emits scale 1; an IF
-takes its input scale as ``r``, which keeps its membrane in the source model's units
-(threshold θ, v(0) = θ/2). A residual sum needs one scale: summands computed only for
-the sum (a conv branch) are rescaled in their weights; a ``nir.Scale`` node is inserted
-only where two fixed scales meet. With per-channel thresholds an IF is followed by a
-``nir.Scale`` holding θ.
+- **portable** (``portable=True``; the default whenever it is exact): only the node types
+  every public NIR consumer maps — ``Input``, ``Output``, ``Conv2d``, ``Affine``, ``IF``,
+  ``Flatten`` — written so that nir 1.0.4 reads it too (no IF ``v_reset``, metadata only on
+  IF, Affine and Flatten nodes). Average pooling becomes a fixed-weight ``Conv2d`` (the
+  window's ones on each channel's diagonal, divided by torch's divisor); every scale folds
+  into neighbouring weights. Where a pool divides its windows by different counts
+  (``count_include_pad=False`` with padding, ``ceil_mode`` overhang), no conv with weights
+  shared over positions computes it: that layer and every layer after it are written as
+  dense matrices (a ``Conv2d`` reading the whole map at once, then 1×1 convs on
+  ``[N, 1, 1]``), exact while each matrix stays under :data:`DENSE_LIMIT` weights.
+- **metadata** (``portable=False``): also ``AvgPool2d``, ``SumPool2d``, ``Scale``,
+  ``Conv1d`` and graded neurons (IF nodes whose metadata carry ``max_spikes``).
 
-What NIR's IF cannot express is written into each IF node's ``metadata`` (see
-docs/NIR.md): ``reset = "subtract"`` (NIR resets to ``v_reset``), ``fire = "v >=
-v_threshold"`` (NIR fires on ``>``), ``v_initial`` (θ/2 per neuron; NIR starts at 0),
-``spike_value`` (θ, already folded downstream) and ``source_module``. Graph metadata
-says the input is fed unchanged at every step and the prediction is the mean of the
-output over the steps. :func:`simulate_nir` runs a graph with either semantics.
+Both forms: BatchNorm is folded into the preceding conv/linear (on a copy), or becomes a
+per-channel 1×1 conv; grouped convs are written block-diagonal and non-square kernels in a
+square one (nir 1.0.8 types convs by ``weight.shape[1]`` and the kernel height); a
+residual add has no node (NIR sums a node's incoming edges); flatten maps to
+``nir.Flatten`` without the batch dimension.
 
-Whatever cannot be exported (max pooling, concatenation, products, unconverted QCFS,
-other neuron types, timm's dynamically padded ``*Same`` layers) raises :class:`ExportError`
-(a ``ValueError``) with a one-paragraph message naming the module or operation.
+Scales. A NIR spike is 1, ours is worth θ: every signal carries a scale (its real value =
+scale × its NIR value; scalar, per channel or per element). A conv/linear folds the scale
+of its input into its weights and emits scale 1; an IF emits scale θ. An IF node always
+has ``r = 1``: where its input arrives with scale s (after a residual sum with an identity
+shortcut, whose spikes keep their θ), its membrane is written in units of s — threshold
+θ/s, v_initial v(0)/s — which leaves an IF neuron's spikes unchanged (its metadata says
+``membrane_scale = s``). Summands of a residual add get one scale: those computed only for
+the sum (a conv branch) are rescaled in their weights; otherwise a ``Scale`` node (metadata
+form) or a diagonal layer (portable form) does it.
+
+What NIR's IF cannot express is in each IF node's metadata: ``reset = "subtract"``,
+``fire = "v >= v_threshold"``, ``v_initial`` (the neuron's calibrated v(0)),
+``spike_value`` (θ, folded downstream), ``source_module``. :func:`simulate_nir` runs a graph
+with these semantics or with NIR's alone. For consumers that reset to zero (NIR 1.0.8's IF,
+norse), ``threshold_factor`` writes every threshold scaled down (docs/NIR.md measures it).
+
+Whatever cannot be exported raises :class:`ExportError` (a ``ValueError``) with a
+one-paragraph message naming the module or operation; what has an exact form but not a
+portable one raises its subclass :class:`NotPortableError` under ``portable=True``.
 """
 
 from __future__ import annotations
@@ -51,35 +47,38 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, replace
+from math import prod
 from pathlib import Path
 
+import h5py
 import nir
 import numpy as np
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn.modules.utils import _pair
 
 from ..convert import fold_batchnorm
-from ..neurons import IFNeuron, MultiStepNeuron
+from ..neurons import GradedIFNeuron, IFNeuron, MultiStepNeuron
 from ..qcfs import QCFS
 from ..tracing import LeafTracer
+from .errors import ExportError, NotPortableError
+from .layout import as_scale, is_one, linear_matrix, per_channel, square_taps, ungrouped, window_sizes
 
-__all__ = ["ExportError", "export_nir"]
+__all__ = ["DENSE_LIMIT", "PORTABLE_NODES", "ExportError", "NotPortableError", "export_nir"]
 
+PORTABLE_NODES = (nir.Input, nir.Output, nir.Conv2d, nir.Affine, nir.IF, nir.Flatten)
+DENSE_LIMIT = 1 << 22  # weights in one dense or block-diagonal layer of the portable form (16 MiB of float32)
 
-class ExportError(ValueError):
-    """The network holds something NIR cannot express; nothing was written.
-
-    The message is one paragraph, ``export_nir: …``, naming the first module or operation
-    that was refused and why, so a command line can print it as it is. A ``ValueError``,
-    so code that caught ``ValueError`` before still catches it.
-    """
-
+# nir 1.0.4, which sinabs 3.1.3 pins, takes metadata on these node types only (and no IF v_reset).
+_METADATA_READ_BY_NIR_104 = (nir.IF, nir.Affine, nir.Flatten)
 _ADDS = {("call_function", f) for f in (operator.add, operator.iadd, torch.add)} | {("call_method", "add"), ("call_method", "add_")}
 _PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _RESCALABLE = (nir.Conv1d, nir.Conv2d, nir.Affine, nir.Scale)
+_ONE = as_scale(1.0)
+_REMEDY = "export with portable=False (snn.nir_portable=false) for the form with NIR's other node types and metadata"
 
 
 @dataclass(frozen=True)
@@ -87,79 +86,117 @@ class _Signal:
     """A value of the traced network as NIR sees it: the sum of ``sources``' outputs."""
 
     sources: tuple[str, ...]
-    scale: float  # real value = scale × NIR value
-    shape: tuple[int, ...]  # one sample, no batch dimension
+    scale: np.ndarray  # real value = scale × NIR value; broadcastable to ``shape``
+    shape: tuple[int, ...]  # torch's shape of one sample (no batch dimension)
     exclusive: bool  # only one consumer: its producing weights may be rescaled
+    dense: bool = False  # carried as [prod(shape), 1, 1] in torch's element order (portable form)
+
+    @property
+    def nir_shape(self) -> tuple[int, ...]:
+        return (prod(self.shape), 1, 1) if self.dense else self.shape
+
+    def columns(self, scale: np.ndarray | None = None) -> np.ndarray | None:
+        """``scale`` (default: the signal's) as one factor per NIR channel of this signal, or None
+        when it varies within a channel (a conv's weights have one column per channel)."""
+        scale = self.scale if scale is None else scale
+        if self.dense:
+            return np.broadcast_to(scale, self.shape).reshape(-1).copy()
+        return per_channel(scale, self.shape)
 
 
-def _window_sizes(n: int, outputs: int, kernel: int, stride: int, padding: int, include_pad: bool) -> np.ndarray:
-    """What torch's avg_pool divides each window along one dimension by (floor or ceil mode).
+@dataclass(frozen=True)
+class _Call:
+    """One call of a module in the traced network."""
 
-    A window starts at ``i·stride − padding``; it is cut at the end of the right padding
-    (ceil_mode's overhang never counts). Without ``count_include_pad`` only input elements count.
-    """
-    start = np.arange(outputs) * stride - padding
-    end = np.minimum(start + kernel, n + padding)
-    return end - start if include_pad else np.minimum(end, n) - np.maximum(start, 0)
-
-
-def _ungrouped(weight: np.ndarray, groups: int) -> np.ndarray:
-    """A grouped conv's weight ``[C_out, C_in / groups, …]`` as the block-diagonal ``[C_out, C_in, …]``.
-
-    nir 1.0.8 takes a conv's input channels from ``weight.shape[1]`` whatever ``groups``
-    is, so a grouped (e.g. depthwise) conv fails the type check of ``nir.read``; the dense
-    form computes the same and reads back (its zeros compress away in the HDF5 file).
-    """
-    if groups == 1:
-        return weight
-    out_per_group, in_per_group = weight.shape[0] // groups, weight.shape[1]
-    dense = np.zeros((weight.shape[0], in_per_group * groups, *weight.shape[2:]), weight.dtype)
-    for g in range(groups):
-        rows = slice(g * out_per_group, (g + 1) * out_per_group)
-        dense[rows, g * in_per_group:(g + 1) * in_per_group] = weight[rows]
-    return dense
+    name: str  # the NIR node's name
+    path: str  # the module's path in the network
+    inp: _Signal
+    out_shape: tuple[int, ...]
+    exclusive: bool
 
 
-def _square_taps(weight: np.ndarray, padding, stride, in_hw, out_hw, path: str) -> tuple[np.ndarray, tuple[int, int]]:
-    """A conv weight ``[…, kh, kw]`` placed in a square ``K×K`` kernel of zeros, with a padding
-    that keeps its windows (left padding, then the taps) and gives ``out_hw`` outputs.
+@dataclass(frozen=True)
+class _Pool:
+    """An average pool's geometry on its input: windows, and what torch divides each output by."""
 
-    nir 1.0.8 sizes a Conv2d's output by ``weight.shape[2]`` in both dimensions, so a
-    non-square kernel would type wrong and fail ``nir.read``. Taps at offset ``a`` under a
-    padding ``p + a`` see what they saw under ``p``; ``a`` is chosen per dimension so that
-    ``(n + 2(p + a) − K) // s + 1`` outputs come out: the zeros padded at the end stand in
-    for torch's asymmetric extra (ceil_mode) and are never weighted.
-    """
-    kh, kw = weight.shape[-2:]
-    for size in range(max(kh, kw), max(kh, kw) + 2 * max(stride) + 2):
-        offsets = [
-            next((a for a in range(size - k + 1) if (n + 2 * (p + a) - size) // s + 1 == o), None)
-            for n, o, k, s, p in zip(in_hw, out_hw, (kh, kw), stride, padding)
-        ]
-        if None not in offsets:
-            (a, b) = offsets
-            square = np.zeros((*weight.shape[:-2], size, size), weight.dtype)
-            square[..., a:a + kh, b:b + kw] = weight
-            return square, (padding[0] + a, padding[1] + b)
-    raise ExportError(f"export_nir: {path!r} maps {tuple(in_hw)} to {tuple(out_hw)}, which no symmetrically padded NIR Conv2d reproduces")
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    counts: np.ndarray  # [H_out, W_out]
+    overhang: bool  # ceil_mode added windows past the padded input (NIR pools follow the floor rule)
+    plain: bool  # what nir.AvgPool2d computes: no padding, no divisor_override, no overhang
+
+    @classmethod
+    def of(cls, m: nn.Module, call: _Call) -> _Pool:
+        (_, height, width), out_hw = call.inp.shape, tuple(call.out_shape[1:])
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            if height % out_hw[0] or width % out_hw[1]:
+                raise ExportError(f"export_nir: {call.path!r} pools {height}×{width} to {out_hw[0]}×{out_hw[1]}, not an integer ratio")
+            kernel = (height // out_hw[0], width // out_hw[1])
+            stride, padding, divisor, include_pad = kernel, (0, 0), None, True
+        else:
+            kernel, padding = _pair(m.kernel_size), _pair(m.padding)
+            stride = _pair(m.stride if m.stride is not None else m.kernel_size)
+            divisor, include_pad = m.divisor_override, m.count_include_pad
+        dims = list(zip((height, width), out_hw, kernel, stride, padding))
+        if divisor is not None:
+            counts = np.full(out_hw, float(divisor))
+        else:
+            counts = np.outer(*(window_sizes(n, o, k, s, p, include_pad) for n, o, k, s, p in dims)).astype(np.float64)
+        overhang = any((o - 1) * s + k > n + 2 * p for n, o, k, s, p in dims)
+        return cls(kernel, stride, padding, counts, overhang, not overhang and padding == (0, 0) and divisor is None)
+
+    @property
+    def uniform(self) -> bool:
+        return bool(np.all(self.counts == self.counts.flat[0]))
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float32).numpy().copy()
 
 
+def _bias(m: nn.Module, channels: int) -> np.ndarray:
+    return _np(m.bias) if getattr(m, "bias", None) is not None else np.zeros(channels, np.float32)
+
+
+def _per_channel_conv(scale: torch.Tensor, shift: torch.Tensor) -> nn.Conv2d:
+    """The 1×1 depthwise conv that computes ``scale[c] · x + shift[c]`` (an unfolded BatchNorm)."""
+    conv = nn.Conv2d(len(scale), len(scale), 1, groups=len(scale))
+    conv.weight.data, conv.bias.data = scale.detach().reshape(-1, 1, 1, 1).float(), shift.detach().float()
+    return conv
+
+
+def _conv_map(m: nn.Module):
+    """A conv module's map without its bias (the dense form adds the bias per element)."""
+    return lambda x: F.conv2d(x, m.weight.float(), None, m.stride, m.padding, m.dilation, m.groups)
+
+
 class _Exporter:
-    def __init__(self, net: nn.Module, graph: torch.fx.Graph):
+    def __init__(self, net: nn.Module, graph: torch.fx.Graph, portable: bool, threshold_factor: float = 1.0):
         self.modules = dict(net.named_modules())
-        self.graph = graph
+        self.graph, self.portable, self.threshold_factor = graph, portable, threshold_factor
         self.nodes: dict[str, nir.NIRNode] = {}
         self.edges: list[tuple[str, str]] = []
+        self.dense_cause: str | None = None  # why the portable form went dense, for the messages after it
+        # Exact types only: timm's leaf subclasses (Conv2dSame, AvgPool2dSame, BatchNormAct2d) compute
+        # something else (dynamic "same" padding, a fused activation) and are refused.
+        self.exact = {
+            nn.Conv1d: self.conv, nn.Conv2d: self.conv, nn.BatchNorm2d: self.batchnorm,
+            nn.AvgPool2d: self.avg_pool, nn.AdaptiveAvgPool2d: self.avg_pool,
+        }
+        # Any subclass: these compute what their base class computes.
+        self.by_base = {
+            MultiStepNeuron: self.neuron, QCFS: self.unconverted, nn.Linear: self.affine, nn.Flatten: self.flatten_module,
+            **dict.fromkeys(_PASS_THROUGH, self.pass_through),
+        }
 
-    # -- helpers ---------------------------------------------------------------------
+    # -- nodes and scales ------------------------------------------------------------
     def add(self, name: str, node: nir.NIRNode, inp: _Signal | None) -> str:
         """Add ``node`` fed by ``inp``; returns its name (made unique)."""
         while name in self.nodes:
             name += "_"
+        if self.portable and not isinstance(node, _METADATA_READ_BY_NIR_104):
+            node.metadata = {}
         self.nodes[name] = node
         if inp is not None:
             self.edges += [(src, name) for src in inp.sources]
@@ -168,22 +205,79 @@ class _Exporter:
     def rescalable(self, sig: _Signal) -> bool:
         return sig.exclusive and all(isinstance(self.nodes[s], _RESCALABLE) for s in sig.sources)
 
-    def to_scale(self, sig: _Signal, target: float, name: str) -> _Signal:
-        """Express ``sig`` in units of ``target``: rescale its producers, or add a nir.Scale."""
-        if sig.scale == target:
-            return sig
-        factor = sig.scale / target
-        if self.rescalable(sig):
-            for src in sig.sources:
-                node = self.nodes[src]
-                if isinstance(node, nir.Scale):
-                    node.scale = node.scale * np.float32(factor)
-                else:
-                    node.weight = node.weight * np.float32(factor)
-                    node.bias = node.bias * np.float32(factor)
+    def rescale_producers(self, sig: _Signal, factor: np.ndarray) -> bool:
+        """Multiply the output of ``sig``'s producers by ``factor`` in their weights, if they all can."""
+        rows = sig.columns(factor)
+        if not self.rescalable(sig) or (rows is None and any(not isinstance(self.nodes[s], nir.Scale) for s in sig.sources)):
+            return False
+        for src in sig.sources:
+            node = self.nodes[src]
+            if isinstance(node, nir.Scale):
+                node.scale = node.scale * np.broadcast_to(factor, sig.shape).reshape(node.scale.shape)
+            else:
+                node.weight = node.weight * rows.reshape(-1, *[1] * (node.weight.ndim - 1))
+                node.bias = node.bias * rows
+        return True
+
+    def to_scale(self, sig: _Signal, target: np.ndarray, name: str) -> _Signal:
+        """Express ``sig`` in units of ``target``: rescale its producers, or add a layer that does."""
+        if np.array_equal(np.broadcast_to(sig.scale, sig.shape), np.broadcast_to(target, sig.shape)):
             return replace(sig, scale=target)
-        name = self.add(name, nir.Scale(scale=np.full(sig.shape, factor, dtype=np.float32)), sig)
-        return _Signal((name,), target, sig.shape, exclusive=True)
+        factor = as_scale(sig.scale / target)
+        if self.rescale_producers(sig, factor):
+            return replace(sig, scale=target)
+        if not self.portable:
+            node = nir.Scale(scale=np.broadcast_to(factor, sig.shape).astype(np.float32))
+            return _Signal((self.add(name, node, sig),), target, sig.shape, exclusive=True)
+        scaled = self.identity_layer(replace(sig, scale=factor), name)
+        return replace(scaled, scale=target)
+
+    def identity_layer(self, sig: _Signal, name: str) -> _Signal:
+        """A layer that only applies ``sig``'s scale: diagonal weights (portable form's Scale)."""
+        rows = sig.columns()
+        if len(sig.shape) == 1:
+            node = nir.Affine(weight=np.diag(rows), bias=np.zeros_like(rows))
+        elif rows is not None and not sig.dense and len(sig.shape) == 3:
+            node = nir.Conv2d(input_shape=sig.shape[1:], weight=np.diag(rows)[:, :, None, None], stride=1, padding=0,
+                              dilation=1, groups=1, bias=np.zeros_like(rows))
+        else:
+            return self.dense(_Call(name, name, sig, sig.shape, True), lambda x: x, None)
+        return _Signal((self.add(name, node, sig),), _ONE, sig.shape, exclusive=True, dense=sig.dense)
+
+    def dense(self, call: _Call, linear, bias: np.ndarray | None) -> _Signal:
+        """A linear layer as one matrix, in a Conv2d that reads the whole input map at once (portable form).
+
+        Exact for any linear layer, including pools whose divisor differs between windows,
+        which no conv with weights shared over positions computes. The output is carried as
+        ``[N, 1, 1]`` (``_Signal.dense``), so every layer after it is a matrix too.
+        """
+        inp = call.inp
+        if not inp.dense and len(inp.shape) != 3:
+            raise NotPortableError(f"export_nir: {call.path!r} would need a dense layer on a {len(inp.shape) + 1}-d input; {_REMEDY}")
+        n_in, n_out = prod(inp.shape), prod(call.out_shape)
+        if n_in * n_out > DENSE_LIMIT:
+            raise NotPortableError(
+                f"export_nir: {call.path!r} does not fit the portable form: {self.dense_cause or 'its input scale varies over positions'}, "
+                f"which a NIR Conv2d (one weight per tap, shared by every position) cannot compute, so from there on each layer "
+                f"is one dense matrix, and {call.path!r} needs {n_out}×{n_in} weights, over DENSE_LIMIT = {DENSE_LIMIT}; {_REMEDY}"
+            )
+        matrix = linear_matrix(linear, inp.shape) * np.broadcast_to(inp.scale, inp.shape).reshape(1, -1)
+        if bias is None:
+            bias = np.zeros(n_out, np.float32)
+        else:
+            bias = np.broadcast_to(bias.reshape(-1, *[1] * (len(call.out_shape) - 1)), call.out_shape).reshape(-1).copy()
+        if inp.dense:
+            weight, hw, padding, stride = matrix[:, :, None, None], (1, 1), (0, 0), (1, 1)
+        else:
+            channels, height, width = inp.shape
+            side = max(height, width)
+            hw, stride = (height, width), (side, side)
+            weight, padding = square_taps(matrix.reshape(n_out, channels, height, width), (0, 0), stride, hw, (1, 1), call.path)
+        node = nir.Conv2d(input_shape=hw, weight=weight, stride=stride, padding=padding, dilation=1, groups=1, bias=bias)
+        return _Signal((self.add(call.name, node, inp),), _ONE, call.out_shape, call.exclusive, dense=True)
+
+    def densify(self, sig: _Signal, name: str) -> _Signal:
+        return self.dense(_Call(name, name, sig, sig.shape, True), lambda x: x, None)
 
     # -- the walk --------------------------------------------------------------------
     def run(self) -> None:
@@ -191,17 +285,9 @@ class _Exporter:
         for node in self.graph.nodes:
             exclusive = len(node.users) == 1
             if node.op == "placeholder":
-                if signals:
-                    raise ExportError(f"export_nir: only one network input is supported, found {node.name!r}")
-                shape = tuple(node.meta["tensor_meta"].shape[1:])
-                name = self.add("input", nir.Input(input_type=np.array(shape)), None)
-                signals[node] = _Signal((name,), 1.0, shape, exclusive)
+                signals[node] = self.placeholder(node, bool(signals), exclusive)
             elif node.op == "output":
-                result = node.args[0]
-                if not isinstance(result, torch.fx.Node):
-                    raise ExportError("export_nir: the network must return one tensor (NIR graphs here have one Output)")
-                sig = self.to_scale(signals[result], 1.0, "output_scale")
-                self.add("output", nir.Output(output_type=np.array(sig.shape)), sig)
+                self.output(node, signals)
             elif node.op == "call_module":
                 signals[node] = self.module(node, signals[node.args[0]], exclusive)
             elif (node.op, node.target) in _ADDS:
@@ -213,126 +299,176 @@ class _Exporter:
                 where = f" in the forward of {list(owner)[-1]!r}" if owner else ""
                 op = getattr(node.target, "__name__", str(node.target))
                 raise ExportError(f"export_nir: cannot express {node.op} {op!r}{where} in NIR")
+        if self.portable:
+            for name, node in self.nodes.items():
+                if not isinstance(node, PORTABLE_NODES):
+                    raise NotPortableError(f"export_nir: node {name!r} is a {type(node).__name__}, not a portable node type; {_REMEDY}")
+
+    def placeholder(self, node: torch.fx.Node, seen_one: bool, exclusive: bool) -> _Signal:
+        if seen_one:
+            raise ExportError(f"export_nir: only one network input is supported, found {node.name!r}")
+        shape = tuple(node.meta["tensor_meta"].shape[1:])
+        name = self.add("input", nir.Input(input_type=np.array(shape)), None)
+        return _Signal((name,), _ONE, shape, exclusive)
+
+    def output(self, node: torch.fx.Node, signals: dict) -> None:
+        result = node.args[0]
+        if not isinstance(result, torch.fx.Node):
+            raise ExportError("export_nir: the network must return one tensor (NIR graphs here have one Output)")
+        sig = self.to_scale(signals[result], _ONE, "output_scale")
+        if sig.dense:
+            raise NotPortableError(f"export_nir: the output {result.name!r} would be carried flattened to {sig.nir_shape} "
+                                   f"(the portable form is dense since {self.dense_cause}); {_REMEDY}")
+        self.add("output", nir.Output(output_type=np.array(sig.nir_shape)), sig)
 
     def module(self, node: torch.fx.Node, inp: _Signal, exclusive: bool) -> _Signal:
-        m, name, path = self.modules[node.target], node.name, node.target
-        out_shape = tuple(node.meta["tensor_meta"].shape[1:])
-        meta = {"source_module": path}
-        if isinstance(m, _PASS_THROUGH):
-            return replace(inp, exclusive=inp.exclusive and exclusive)
-        if isinstance(m, QCFS):
-            raise ExportError(f"export_nir: {path!r} is a QCFS activation; export the converted network (qcfs_snntorch.convert)")
-        if isinstance(m, MultiStepNeuron):
-            return self.neuron(m, name, path, inp)
-        # Exact types: timm's leaf subclasses (Conv2dSame, AvgPool2dSame, BatchNormAct2d) compute
-        # something else (dynamic "same" padding, a fused activation) and are refused below.
-        if type(m) in (nn.Conv1d, nn.Conv2d):
-            if m.padding_mode != "zeros":
-                raise ExportError(f"export_nir: {path!r} uses padding_mode={m.padding_mode!r}; NIR convolutions pad with zeros")
-            bias = _np(m.bias) if m.bias is not None else np.zeros(m.out_channels, np.float32)
-            common = dict(weight=_ungrouped(_np(m.weight) * np.float32(inp.scale), m.groups), bias=bias, groups=1, metadata=meta)
-            if isinstance(m, nn.Conv2d):
-                padding = m.padding
-                if m.kernel_size[0] != m.kernel_size[1]:
-                    if m.dilation != (1, 1) or isinstance(padding, str):
-                        raise ExportError(f"export_nir: {path!r} has a non-square kernel {m.kernel_size} with dilation or string padding; nir 1.0.8 sizes a Conv2d's output by its kernel height alone")
-                    common["weight"], padding = _square_taps(common["weight"], padding, m.stride, inp.shape[1:], out_shape[1:], path)
-                conv = nir.Conv2d(input_shape=inp.shape[1:], stride=m.stride, padding=padding, dilation=m.dilation, **common)
-            else:
-                conv = nir.Conv1d(input_shape=inp.shape[1], stride=m.stride[0], padding=m.padding if isinstance(m.padding, str) else m.padding[0], dilation=m.dilation[0], **common)
-            return _Signal((self.add(name, conv, inp),), 1.0, out_shape, exclusive)
-        if isinstance(m, nn.Linear):
-            if len(inp.shape) != 1:
-                raise ExportError(f"export_nir: {path!r} is applied to a {len(inp.shape) + 1}-d input; NIR's Affine takes [batch, features]")
-            bias = _np(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32)
-            affine = nir.Affine(weight=_np(m.weight) * np.float32(inp.scale), bias=bias, metadata=meta)
-            return _Signal((self.add(name, affine, inp),), 1.0, out_shape, exclusive)
-        if type(m) is nn.BatchNorm2d and m.track_running_stats:
-            # Not folded (it follows no conv of its own): a per-channel 1×1 conv is the same affine map.
-            scale = torch.rsqrt(m.running_var + m.eps) * (m.weight if m.affine else 1.0)
-            shift = (m.bias if m.affine else 0.0) - m.running_mean * scale
-            conv = nir.Conv2d(
-                input_shape=inp.shape[1:], weight=_ungrouped(_np(scale.reshape(-1, 1, 1, 1)) * np.float32(inp.scale), m.num_features),
-                stride=1, padding=0, dilation=1, groups=1, bias=_np(shift), metadata=meta,
-            )
-            return _Signal((self.add(name, conv, inp),), 1.0, out_shape, exclusive)
-        if type(m) in (nn.AvgPool2d, nn.AdaptiveAvgPool2d):
-            return self.avg_pool(m, name, path, inp, out_shape, exclusive)
-        if isinstance(m, nn.Flatten):
-            return self.flatten_dims(name, path, inp, m.start_dim, m.end_dim, exclusive)
-        hint = "; max pooling is not linear in spike rates: use average pooling" if "MaxPool" in type(m).__name__ else ""
-        raise ExportError(f"export_nir: module {path!r} ({type(m).__name__}) has no NIR equivalent here{hint}")
+        m = self.modules[node.target]
+        call = _Call(node.name, node.target, inp, tuple(node.meta["tensor_meta"].shape[1:]), exclusive)
+        handler = self.exact.get(type(m)) or next((self.by_base[c] for c in type(m).__mro__ if c in self.by_base), None)
+        if handler is None:
+            hint = "; max pooling is not linear in spike rates: use average pooling" if "MaxPool" in type(m).__name__ else ""
+            raise ExportError(f"export_nir: module {call.path!r} ({type(m).__name__}) has no NIR equivalent here{hint}")
+        return handler(m, call)
 
-    def neuron(self, m: MultiStepNeuron, name: str, path: str, inp: _Signal) -> _Signal:
-        if not isinstance(m, IFNeuron):
-            raise ExportError(f"export_nir: {path!r} is a {type(m).__name__}; only IFNeuron maps onto nir.IF")
-        shape = inp.shape
+    # -- one handler per layer type --------------------------------------------------
+    def pass_through(self, m: nn.Module, call: _Call) -> _Signal:
+        return replace(call.inp, exclusive=call.inp.exclusive and call.exclusive)
+
+    def unconverted(self, m: nn.Module, call: _Call) -> _Signal:
+        raise ExportError(f"export_nir: {call.path!r} is a QCFS activation; export the converted network (qcfs_snntorch.convert)")
+
+    def conv(self, m: nn.Conv1d | nn.Conv2d, call: _Call) -> _Signal:
+        if m.padding_mode != "zeros":
+            raise ExportError(f"export_nir: {call.path!r} uses padding_mode={m.padding_mode!r}; NIR convolutions pad with zeros")
+        if isinstance(m, nn.Conv1d) and self.portable:
+            raise NotPortableError(f"export_nir: {call.path!r} is a Conv1d, which norse and snnTorch do not map; {_REMEDY}")
+        inp, columns = call.inp, call.inp.columns()
+        if self.portable and (inp.dense or columns is None):
+            return self.dense(call, _conv_map(m), _bias(m, m.out_channels))
+        if columns is None:  # a scale that varies within a channel: a Scale node takes it out first
+            inp = self.to_scale(inp, _ONE, f"{call.name}_input_scale")
+            columns = inp.columns()
+        weight = ungrouped(_np(m.weight), m.groups) * columns.reshape(1, -1, *[1] * (m.weight.dim() - 2))
+        common = dict(weight=weight, bias=_bias(m, m.out_channels), groups=1, metadata={"source_module": call.path})
+        if isinstance(m, nn.Conv1d):
+            padding = m.padding if isinstance(m.padding, str) else m.padding[0]
+            node = nir.Conv1d(input_shape=inp.shape[1], stride=m.stride[0], padding=padding, dilation=m.dilation[0], **common)
+        else:
+            padding = m.padding
+            if m.kernel_size[0] != m.kernel_size[1]:
+                if m.dilation != (1, 1) or isinstance(padding, str):
+                    raise ExportError(f"export_nir: {call.path!r} has a non-square kernel {m.kernel_size} with dilation or string padding; nir 1.0.8 sizes a Conv2d's output by its kernel height alone")
+                common["weight"], padding = square_taps(weight, padding, m.stride, inp.shape[1:], call.out_shape[1:], call.path)
+            node = nir.Conv2d(input_shape=inp.shape[1:], stride=m.stride, padding=padding, dilation=m.dilation, **common)
+        return _Signal((self.add(call.name, node, inp),), _ONE, call.out_shape, call.exclusive)
+
+    def batchnorm(self, m: nn.BatchNorm2d, call: _Call) -> _Signal:
+        if not m.track_running_stats:
+            raise ExportError(f"export_nir: module {call.path!r} (BatchNorm2d without running statistics) has no NIR equivalent here")
+        # It follows no conv of its own (else it was folded): a per-channel 1×1 conv is the same affine map.
+        scale = torch.rsqrt(m.running_var + m.eps) * (m.weight if m.affine else 1.0)
+        shift = (m.bias if m.affine else 0.0) - m.running_mean * scale
+        return self.conv(_per_channel_conv(scale, shift), call)
+
+    def affine(self, m: nn.Linear, call: _Call) -> _Signal:
+        inp = call.inp
+        if len(inp.shape) != 1:
+            raise ExportError(f"export_nir: {call.path!r} is applied to a {len(inp.shape) + 1}-d input; NIR's Affine takes [batch, features]")
+        weight = _np(m.weight) * np.broadcast_to(inp.scale, inp.shape).reshape(1, -1)
+        node = nir.Affine(weight=weight, bias=_bias(m, m.out_features), metadata={"source_module": call.path})
+        return _Signal((self.add(call.name, node, inp),), _ONE, call.out_shape, call.exclusive)
+
+    def neuron(self, m: MultiStepNeuron, call: _Call) -> _Signal:
+        spikes_per_step = int(getattr(m, "max_spikes", 1))
+        if spikes_per_step > 1 and self.portable:
+            raise NotPortableError(
+                f"export_nir: {call.path!r} is a graded neuron that sends up to {spikes_per_step} spikes per step "
+                f"(snn.max_spikes = {spikes_per_step}), and NIR's IF sends one binary spike per step, so a consumer "
+                f"following NIR would run another network; convert with snn.max_spikes = 1 for a portable file, or "
+                f"{_REMEDY}, where it is an IF node whose metadata carries max_spikes and spike_unit (simulate_nir honours them)"
+            )
+        if not isinstance(m, IFNeuron | GradedIFNeuron) and spikes_per_step == 1:
+            raise ExportError(f"export_nir: {call.path!r} is a {type(m).__name__}; only IFNeuron (and GradedIFNeuron) map onto nir.IF")
+        inp, shape = call.inp, call.inp.shape
         theta = m.threshold.detach().float().cpu()
-        theta_full = _np(theta.expand(shape))
-        # initial_potential is asked rather than assumed, so subclasses with another v(0) export right.
+        threshold = _np(theta.expand(shape))
+        # initial_potential is asked rather than assumed: it holds the calibrated offsets.
         v_initial = _np(m.initial_potential(torch.zeros(1, *shape, device=m.threshold.device))[0])
+        spike_value = float(theta) if theta.numel() == 1 else _np(theta)
         meta = {
-            "source_module": path,
+            "source_module": call.path,
             "reset": "subtract",  # v ← v − v_threshold after a spike (NIR: v ← v_reset)
             "fire": "v >= v_threshold",  # NIR: v > v_threshold
-            "v_initial": v_initial,  # NIR: 0
-            "spike_value": float(theta) if theta.numel() == 1 else _np(theta),  # folded into the consumers
+            "spike_value": spike_value,  # folded into the consumers
         }
-        node = nir.IF(
-            r=np.full(shape, inp.scale, dtype=np.float32),
-            v_threshold=theta_full,
-            v_reset=np.zeros(shape, dtype=np.float32),
-            metadata=meta,
-        )
-        out = _Signal((self.add(name, node, inp),), 1.0, shape, exclusive=False)
-        if theta.numel() == 1:
-            return replace(out, scale=float(theta))
-        # Per-channel θ: one scalar scale cannot carry it, so spikes are scaled by a node.
-        scaled = self.add(f"{name}_scale", nir.Scale(scale=theta_full, metadata={"source_module": path}), out)
-        return _Signal((scaled,), 1.0, shape, exclusive=False)
+        if not is_one(inp.scale):
+            # The input arrives in units of s: the membrane is written in units of s too, so r = 1.
+            membrane = np.broadcast_to(inp.scale, shape)
+            threshold, v_initial = threshold / membrane, v_initial / membrane
+            meta["membrane_scale"] = float(inp.scale) if inp.scale.ndim == 0 else membrane.reshape(inp.nir_shape).copy()
+        meta["v_initial"] = v_initial.reshape(inp.nir_shape)  # NIR: 0
+        if spikes_per_step > 1:
+            meta.update(max_spikes=spikes_per_step, spike_unit=spike_value)
+        if self.threshold_factor != 1.0:
+            threshold = threshold * np.float32(self.threshold_factor)
+            meta["threshold_factor"] = self.threshold_factor  # our rules use v_threshold / threshold_factor
+        node = nir.IF(r=np.ones(inp.nir_shape, np.float32), v_threshold=threshold.reshape(inp.nir_shape).astype(np.float32),
+                      v_reset=np.zeros(inp.nir_shape, np.float32), metadata=meta)
+        return _Signal((self.add(call.name, node, inp),), as_scale(_np(theta)), shape, exclusive=False, dense=inp.dense)
 
-    def avg_pool(self, m, name, path, inp, out_shape, exclusive) -> _Signal:
-        channels, height, width = inp.shape
-        out_hw = tuple(out_shape[1:])
-        if isinstance(m, nn.AdaptiveAvgPool2d):
-            oh, ow = out_hw
-            if height % oh or width % ow:
-                raise ExportError(f"export_nir: {path!r} pools {height}×{width} to {oh}×{ow}, not an integer ratio")
-            kernel, stride, padding, divisor, include_pad = (height // oh, width // ow), (height // oh, width // ow), (0, 0), None, True
-        else:
-            kernel, padding = _pair(m.kernel_size), _pair(m.padding)
-            stride = _pair(m.stride if m.stride is not None else m.kernel_size)
-            divisor, include_pad = m.divisor_override, m.count_include_pad
-        dims = list(zip((height, width), out_hw, kernel, stride, padding))
-        # ceil_mode's last window overhangs the padded input (NIR's pools follow the floor rule).
-        overhang = any((o - 1) * s + k > n + 2 * p for n, o, k, s, p in dims)
-        meta = {"source_module": path}
-        if not overhang and padding == (0, 0) and divisor is None:
-            pool = nir.AvgPool2d(kernel_size=np.array(kernel), stride=np.array(stride), padding=np.array(padding), metadata=meta)
-            return _Signal((self.add(name, pool, inp),), inp.scale, out_shape, inp.exclusive and exclusive)
+    def avg_pool(self, m: nn.AvgPool2d | nn.AdaptiveAvgPool2d, call: _Call) -> _Signal:
+        pool = _Pool.of(m, call)
+        if self.portable:
+            return self.pool_as_conv(m, call, pool)
+        inp = call.inp
+        if inp.columns() is None:  # pooling commutes with a per-channel scale, not with one that varies over positions
+            inp = self.to_scale(inp, _ONE, f"{call.name}_input_scale")
+        meta = {"source_module": call.path}
+        if pool.plain:
+            node = nir.AvgPool2d(kernel_size=np.array(pool.kernel), stride=np.array(pool.stride), padding=np.array(pool.padding), metadata=meta)
+            return _Signal((self.add(call.name, node, inp),), inp.scale, call.out_shape, inp.exclusive and call.exclusive)
         # Otherwise: sum each window, then a Scale divides by what torch divides that window by.
-        if not overhang:
-            pool = nir.SumPool2d(kernel_size=np.array(kernel), stride=np.array(stride), padding=np.array(padding), metadata=meta)
+        if not pool.overhang:
+            summed = nir.SumPool2d(kernel_size=np.array(pool.kernel), stride=np.array(pool.stride), padding=np.array(pool.padding), metadata=meta)
         else:
-            # NIR pads symmetrically and has no crop: a Conv2d of ones sums each window, and
-            # _square_taps pads it by more on both sides, with leading zero taps, so that its
-            # windows are torch's and their number is ceil_mode's.
-            ones = np.ones((channels, 1, *kernel), np.float32)
-            weight, conv_padding = _square_taps(ones, padding, stride, (height, width), out_hw, path)
-            pool = nir.Conv2d(
-                input_shape=(height, width), weight=_ungrouped(weight, channels), stride=stride, padding=conv_padding,
-                dilation=1, groups=1, bias=np.zeros(channels, np.float32),
-                metadata={**meta, "op": "ceil_mode average pooling: the sum of each window (the Scale that follows divides)"},
-            )
-        name = self.add(name, pool, inp)
-        if divisor is not None:
-            count = np.full(out_hw, float(divisor))
-        else:
-            count = np.outer(*(_window_sizes(n, o, k, s, p, include_pad) for n, o, k, s, p in dims))
-        scale = np.broadcast_to((1.0 / count).astype(np.float32), (channels, *out_hw)).copy()
-        summed = _Signal((name,), inp.scale, out_shape, exclusive)
-        scaled = self.add(f"{name}_scale", nir.Scale(scale=scale, metadata=meta), summed)
-        return replace(summed, sources=(scaled,))
+            meta["op"] = "ceil_mode average pooling: the sum of each window (the Scale that follows divides)"
+            summed = self.window_sums(inp.shape, call, pool, np.ones(inp.shape[0], np.float32), meta)
+        name = self.add(call.name, summed, inp)
+        scale = np.broadcast_to((1.0 / pool.counts).astype(np.float32), call.out_shape).copy()
+        scaled = self.add(f"{name}_scale", nir.Scale(scale=scale, metadata=meta), _Signal((name,), inp.scale, call.out_shape, True))
+        return _Signal((scaled,), inp.scale, call.out_shape, call.exclusive)
+
+    def pool_as_conv(self, m: nn.Module, call: _Call, pool: _Pool) -> _Signal:
+        """Portable form: a Conv2d with the window's ones on each channel's diagonal, divided by torch's divisor."""
+        inp, columns = call.inp, call.inp.columns()
+        if inp.dense or columns is None or not pool.uniform:
+            if not pool.uniform and not inp.dense:
+                self.dense_cause = self.dense_cause or (
+                    f"{call.path!r} divides its windows by different counts (count_include_pad=False with padding, or ceil_mode)")
+            return self.dense(call, m, None)
+        channels = inp.shape[0]
+        if channels * channels * prod(pool.kernel) > DENSE_LIMIT:
+            raise NotPortableError(f"export_nir: {call.path!r} as a Conv2d is block-diagonal over its {channels} channels "
+                                   f"({channels}²×{pool.kernel} weights), over DENSE_LIMIT = {DENSE_LIMIT}; {_REMEDY}")
+        node = self.window_sums(inp.shape, call, pool, columns / np.float32(pool.counts.flat[0]), {})
+        return _Signal((self.add(call.name, node, inp),), _ONE, call.out_shape, call.exclusive)
+
+    def window_sums(self, in_shape, call: _Call, pool: _Pool, per_channel_weight: np.ndarray, meta: dict) -> nir.Conv2d:
+        """A Conv2d whose output is each window's sum (times a weight per channel), with torch's windows and count.
+
+        NIR pads symmetrically and pools by the floor rule: for ceil_mode's overhang the
+        kernel is padded by more on both sides, with leading zero taps (``square_taps``).
+        """
+        channels, height, width = in_shape
+        taps = np.ones((channels, 1, *pool.kernel), np.float32) * per_channel_weight.reshape(-1, 1, 1, 1)
+        weight, padding = square_taps(ungrouped(taps, channels), pool.padding, pool.stride, (height, width),
+                                      tuple(call.out_shape[1:]), call.path)
+        return nir.Conv2d(input_shape=(height, width), weight=weight, stride=pool.stride, padding=padding, dilation=1, groups=1,
+                          bias=np.zeros(channels, np.float32), metadata=meta)
+
+    # -- flatten and residual sums ---------------------------------------------------
+    def flatten_module(self, m: nn.Flatten, call: _Call) -> _Signal:
+        return self.flatten_dims(call.name, call.path, call.inp, m.start_dim, m.end_dim, call.exclusive)
 
     def is_flatten(self, node: torch.fx.Node) -> bool:
         if node.target in (torch.flatten, "flatten"):
@@ -352,15 +488,23 @@ class _Exporter:
             end = node.kwargs.get("end_dim", args[1] if args[1] is not None else -1)
         return self.flatten_dims(node.name, node.name, inp, start, end, exclusive)
 
-    def flatten_dims(self, name, path, inp, start, end, exclusive) -> _Signal:
+    def flatten_dims(self, name, path, inp: _Signal, start: int, end: int, exclusive: bool) -> _Signal:
         ndim = len(inp.shape) + 1
         start, end = start % ndim, end % ndim
         if start == 0:
             raise ExportError(f"export_nir: {path!r} flattens the batch dimension")
-        end = -1 if end == ndim - 1 else end - 1
-        node = nir.Flatten(input_type={"input": np.array(inp.shape)}, start_dim=start - 1, end_dim=end, metadata={"source_module": path})
+        if inp.dense:
+            if (start, end) != (1, ndim - 1):
+                raise NotPortableError(f"export_nir: {path!r} flattens part of a map that the portable form carries "
+                                       f"flattened already (since {self.dense_cause}); {_REMEDY}")
+            start_dim, end_dim = 0, -1
+        else:
+            start_dim, end_dim = start - 1, -1 if end == ndim - 1 else end - 1
+        node = nir.Flatten(input_type={"input": np.array(inp.nir_shape)}, start_dim=start_dim, end_dim=end_dim,
+                           metadata={"source_module": path})
         out_shape = tuple(int(n) for n in node.output_type["output"])
-        return _Signal((self.add(name, node, inp),), inp.scale, out_shape, inp.exclusive and exclusive)
+        scale = inp.scale if inp.scale.ndim == 0 else np.broadcast_to(inp.scale, inp.shape).reshape(out_shape)
+        return _Signal((self.add(name, node, inp),), scale, out_shape, inp.exclusive and exclusive)
 
     def residual_sum(self, node: torch.fx.Node, signals, exclusive: bool) -> _Signal:
         if len(node.args) != 2 or node.kwargs or not all(isinstance(a, torch.fx.Node) for a in node.args):
@@ -368,31 +512,21 @@ class _Exporter:
         summands = [signals[a] for a in node.args]
         if set(summands[0].sources) & set(summands[1].sources):
             raise ExportError(f"export_nir: {node.name!r} adds a signal to itself; NIR edges cannot carry a factor of 2")
+        if any(s.dense for s in summands):  # NIR sums edges of one shape
+            summands = [s if s.dense else self.densify(s, f"{node.name}_dense{i}") for i, s in enumerate(summands)]
         fixed = [s for s in summands if not self.rescalable(s)]
-        target = fixed[0].scale if fixed else 1.0  # keep an IF's spikes as they are when one is summed
+        target = fixed[0].scale if fixed else _ONE  # keep an IF's spikes as they are when one is summed
         summands = [self.to_scale(s, target, f"{node.name}_rescale{i}") for i, s in enumerate(summands)]
         sources = tuple(src for s in summands for src in s.sources)
-        return _Signal(sources, target, summands[0].shape, exclusive and all(s.exclusive for s in summands))
+        return _Signal(sources, target, summands[0].shape, exclusive and all(s.exclusive for s in summands), summands[0].dense)
 
 
-def export_nir(snn: nn.Module, path: str | Path, sample_input: torch.Tensor) -> nir.NIRGraph:
-    """Write a converted network as a NIR graph to ``path`` (HDF5) and return the graph.
-
-    Args:
-        snn: a :class:`~qcfs_snntorch.SpikingModel` (its ``.net`` is exported) or a network
-            whose activations are :class:`~qcfs_snntorch.IFNeuron` modules. Not modified.
-        path: the file to write (``.nir`` by convention).
-        sample_input: one step's input with a batch dimension, e.g. ``[1, 3, 32, 32]``;
-            only its shape matters (NIR types have no batch dimension).
-
-    Raises:
-        ExportError: naming the first module or operation NIR cannot express (also when the
-            network cannot be traced or does not run on ``sample_input``); nothing is written.
-
-    See the module docstring and docs/NIR.md for the mapping and the metadata that
-    carries what NIR's IF cannot (subtract reset, v(0) = θ/2, firing on v ≥ θ).
-    """
-    net = copy.deepcopy(getattr(snn, "net", snn)).eval()
+def _traced(snn: nn.Module, sample_input: torch.Tensor) -> tuple[nn.Module, torch.fx.Graph]:
+    """A BN-folded copy of the network, traced, with the shapes of one sample propagated."""
+    source = getattr(snn, "net", snn)
+    # A membrane left by a run with autograd is not a leaf, which deepcopy refuses; the copy starts afresh anyway.
+    memo = {id(m.mem): torch.zeros(0) for m in source.modules() if isinstance(m, MultiStepNeuron)}
+    net = copy.deepcopy(source, memo).eval()
     fold_batchnorm(net)
     try:
         graph = LeafTracer().trace(net)
@@ -408,18 +542,97 @@ def export_nir(snn: nn.Module, path: str | Path, sample_input: torch.Tensor) -> 
     except Exception as exc:
         shape = tuple(sample_input.shape)
         raise ExportError(f"export_nir: running {type(net).__name__} on a sample input of shape {shape} failed: {_one_line(exc)}") from exc
-    exporter = _Exporter(net, graph)
-    exporter.run()
+    return net, graph
+
+
+def _export(net: nn.Module, graph: torch.fx.Graph, portable: bool, threshold_factor: float) -> _Exporter:
+    exporter = _Exporter(net, graph, portable, threshold_factor)
+    with torch.no_grad():
+        exporter.run()
+    return exporter
+
+
+def export_nir(snn: nn.Module, path: str | Path, sample_input: torch.Tensor, *, portable: bool | None = None,
+               threshold_factor: float = 1.0) -> nir.NIRGraph:
+    """Write a converted network as a NIR graph to ``path`` (HDF5) and return the graph.
+
+    Args:
+        snn: a :class:`~qcfs_snntorch.SpikingModel` (its ``.net`` is exported) or a network
+            whose activations are :class:`~qcfs_snntorch.IFNeuron` modules. Not modified.
+        path: the file to write (``.nir`` by convention).
+        sample_input: one step's input with a batch dimension, e.g. ``[1, 3, 32, 32]``;
+            only its shape matters (NIR types have no batch dimension).
+        portable: True: only the node types every public consumer maps, readable by nir
+            1.0.4 (raises :class:`NotPortableError` naming the node where that is not
+            exact); False: the metadata form with NIR's other node types; None (default):
+            portable when it is exact, else the metadata form. The graph's metadata
+            ``portable`` says which was written and why.
+        threshold_factor: every IF's ``v_threshold`` is written multiplied by it (and the
+            factor into its metadata, so :func:`simulate_nir` still runs our rules). For
+            consumers that reset to zero, which lose the membrane above threshold at every
+            spike and so under-fire: 0.6 measured best on the quickstart (docs/NIR.md).
+
+    Raises:
+        ExportError: naming the first module or operation NIR cannot express (also when the
+            network cannot be traced or does not run on ``sample_input``); nothing is written.
+
+    See the module docstring and docs/NIR.md for the mapping and the metadata that
+    carries what NIR's IF cannot (subtract reset, v(0), firing on v ≥ θ).
+    """
+    if not 0 < threshold_factor <= 1:
+        raise ValueError(f"export_nir: threshold_factor must be in (0, 1], got {threshold_factor!r}")
+    net, graph = _traced(snn, sample_input)
+    why_not = "asked for with portable=False"
+    exporter = None
+    if portable is not False:
+        try:
+            exporter = _export(net, graph, True, threshold_factor)
+        except NotPortableError as exc:
+            if portable:
+                raise
+            why_not = str(exc).removeprefix("export_nir: ")
+    if exporter is None:
+        exporter = _export(net, graph, False, threshold_factor)
     metadata = {
         "producer": "qcfs_snntorch.export_nir",
+        "portable": "yes: Input, Output, Conv2d, Affine, IF and Flatten nodes only; readable by nir 1.0.4"
+                    if exporter.portable else f"no: {why_not}",
         "time": "one step of the SNN = one NIR time unit (dt = 1); IF integrates v += r * input per step",
         "encoding": "direct: the same input is fed at every step",
         "readout": "the prediction after T steps is the mean of the Output over the first T steps",
         "if_semantics": "see each IF node's metadata: reset, fire, v_initial, spike_value (folded downstream)",
     }
+    if threshold_factor != 1.0:
+        metadata["threshold_factor"] = (f"thresholds written x {threshold_factor} for consumers that reset to zero; "
+                                        "with our rules (subtract reset) divide them back")
     result = nir.NIRGraph(nodes=exporter.nodes, edges=exporter.edges, metadata=metadata, type_check=True)
-    nir.write(path, result)
+    _write(path, result, exporter.portable)
     return result
+
+
+def _write(path: str | Path, graph: nir.NIRGraph, portable: bool) -> None:
+    """``nir.write`` with the nodes kept in the order they were added, which is topological.
+
+    h5py lists a group's members by name unless the group tracks creation order, and
+    nir.read builds the graph in the order listed: nirtorch 2.0.2's ``nir_to_torch`` (what
+    snnTorch and sinabs' nir pin get) needs the Input first and each node after its inputs.
+    """
+    config = h5py.get_config()
+    before, config.track_order = config.track_order, True
+    try:
+        nir.write(path, graph)
+    finally:
+        config.track_order = before
+    if portable:
+        _drop_v_reset(path)
+
+
+def _drop_v_reset(path: str | Path) -> None:
+    """nir 1.0.4 (sinabs' pin) refuses an IF's ``v_reset``; nir 1.0.8 reads its absence as zeros, what we wrote."""
+    with h5py.File(path, "a") as f:
+        for group in f["node/nodes"].values():
+            if group["type"][()] == b"IF" and "v_reset" in group:
+                del group["v_reset"]
 
 
 def _one_line(exc: BaseException) -> str:

@@ -37,15 +37,47 @@ def _ints(value) -> tuple[int, ...] | str:
     return value if isinstance(value, str) else tuple(int(v) for v in np.atleast_1d(value))
 
 
+def _conv(node, p, inp):
+    conv = F.conv2d if isinstance(node, nir.Conv2d) else F.conv1d
+    return conv(inp, p["weight"], p["bias"], _ints(node.stride), _ints(node.padding), _ints(node.dilation), int(node.groups))
+
+
+def _pool(node, p, inp):
+    k, s, pad = _ints(node.kernel_size), _ints(node.stride), _ints(node.padding)
+    return F.avg_pool2d(inp, k, s, pad, count_include_pad=True, divisor_override=1 if isinstance(node, nir.SumPool2d) else None)
+
+
+def _flatten(node, p, inp):
+    end = int(node.end_dim)
+    return inp.flatten(int(node.start_dim) + 1, end + 1 if end >= 0 else -1)
+
+
+# Stateless nodes: (node, its float parameters as tensors, the summed input) → output.
+_STATELESS = {
+    nir.Input: lambda node, p, inp: inp,
+    nir.Output: lambda node, p, inp: inp,
+    nir.Conv1d: _conv,
+    nir.Conv2d: _conv,
+    nir.Affine: lambda node, p, inp: F.linear(inp, p["weight"], p["bias"]),
+    nir.Linear: lambda node, p, inp: F.linear(inp, p["weight"]),
+    nir.Scale: lambda node, p, inp: inp * p["scale"],
+    nir.Flatten: _flatten,
+    nir.AvgPool2d: _pool,
+    nir.SumPool2d: _pool,
+}
+
+
 @torch.no_grad()
 def simulate_nir(graph: nir.NIRGraph, x: torch.Tensor, timesteps: int, *, qcfs_semantics: bool = True) -> torch.Tensor:
     """Run a feed-forward NIR graph for ``timesteps`` steps of dt = 1 on a static input ``x``.
 
     A reference executor for the nodes :func:`export_nir` writes. With
     ``qcfs_semantics=True`` each IF node follows its metadata (``v_initial``, firing on
-    ``v >= v_threshold``, subtract reset) and reproduces the SpikingModel; with ``False``
-    it follows the NIR spec alone (v(0) = 0, firing on ``v > v_threshold``, reset to
-    ``v_reset``), which is what a NIR consumer that ignores metadata runs.
+    ``v >= v_threshold``, subtract reset; a graded node's ``max_spikes``; the threshold of a
+    file written for reset-to-zero consumers divided back by its ``threshold_factor``) and
+    reproduces the SpikingModel; with ``False`` it follows the NIR spec alone (v(0) = 0,
+    firing on ``v > v_threshold``, reset to ``v_reset``), which is what a NIR consumer that
+    ignores metadata runs.
 
     Returns the Output node's value per step, ``[T, B, …]``.
     """
@@ -59,44 +91,30 @@ def simulate_nir(graph: nir.NIRGraph, x: torch.Tensor, timesteps: int, *, qcfs_s
         for name in order:
             node, p = graph.nodes[name], params[name]
             inp = x.float() if isinstance(node, nir.Input) else sum(values[s] for s in preds[name])
-            if isinstance(node, (nir.Input, nir.Output)):
-                out = inp
-            elif isinstance(node, nir.Conv2d):
-                out = F.conv2d(inp, p["weight"], p["bias"], _ints(node.stride), _ints(node.padding), _ints(node.dilation), int(node.groups))
-            elif isinstance(node, nir.Conv1d):
-                out = F.conv1d(inp, p["weight"], p["bias"], _ints(node.stride), _ints(node.padding), _ints(node.dilation), int(node.groups))
-            elif isinstance(node, nir.Affine):
-                out = F.linear(inp, p["weight"], p["bias"])
-            elif isinstance(node, nir.Linear):
-                out = F.linear(inp, p["weight"])
-            elif isinstance(node, nir.Scale):
-                out = inp * p["scale"]
-            elif isinstance(node, nir.Flatten):
-                end = int(node.end_dim)
-                out = inp.flatten(int(node.start_dim) + 1, end + 1 if end >= 0 else -1)
-            elif isinstance(node, (nir.AvgPool2d, nir.SumPool2d)):
-                k, s, pad = _ints(node.kernel_size), _ints(node.stride), _ints(node.padding)
-                out = F.avg_pool2d(inp, k, s, pad, count_include_pad=True, divisor_override=1 if isinstance(node, nir.SumPool2d) else None)
-            elif isinstance(node, nir.IF):
-                out = _if_step(node, p, inp, membranes, name, qcfs_semantics)
+            if isinstance(node, nir.IF):
+                values[name] = _if_step(node, p, inp, membranes, name, qcfs_semantics)
+            elif type(node) in _STATELESS:
+                values[name] = _STATELESS[type(node)](node, p, inp)
             else:
                 raise ValueError(f"simulate_nir: node {name!r} of type {type(node).__name__} is not supported")
-            values[name] = out
         outputs.append(values[out_name])
     return torch.stack(outputs)
 
 
 def _if_step(node, p, inp, membranes, name, qcfs_semantics: bool) -> torch.Tensor:
     theta, r = p["v_threshold"], p["r"]
+    meta = node.metadata
     if name not in membranes:
-        start = node.metadata.get("v_initial") if qcfs_semantics else None
+        start = meta.get("v_initial") if qcfs_semantics else None
         v0 = torch.as_tensor(np.asarray(start), dtype=torch.float32) if start is not None else torch.zeros_like(theta)
         membranes[name] = v0.expand_as(inp).clone()
     v = membranes[name] + r * inp
-    spike = (v >= theta) if qcfs_semantics else (v > theta)
-    if qcfs_semantics:
-        v = v - spike * theta
-    else:
-        v = torch.where(spike, p["v_reset"].expand_as(v), v)
-    membranes[name] = v
-    return spike.float()
+    if not qcfs_semantics:
+        spike = v > theta
+        membranes[name] = torch.where(spike, p.get("v_reset", torch.zeros_like(theta)).expand_as(v), v)
+        return spike.float()
+    theta = theta / float(meta.get("threshold_factor", 1.0))
+    # A graded node sends k = min(floor(v / θ), max_spikes) spikes as one value; an IF node is the case max_spikes = 1.
+    spikes = torch.clamp(torch.floor(v / theta), 0, int(meta.get("max_spikes", 1))) if "max_spikes" in meta else (v >= theta).float()
+    membranes[name] = v - spikes * theta
+    return spikes

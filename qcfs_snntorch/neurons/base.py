@@ -6,6 +6,10 @@ folds its spikes back. The same code serves one step at a time (``T = 1``), so t
 streaming API and the multi-step call share one implementation. The membrane carries
 over between calls until :meth:`reset_state`, which is what chunked evaluation over many
 steps relies on.
+
+A neuron is defined by its firing rule (:mod:`.fused`): how many spikes a membrane
+potential emits in one step. To add one, subclass :class:`MultiStepNeuron`, set ``rule``
+in ``__init__``, and give it a file of its own (see :mod:`.if_neuron`, :mod:`.graded_if`).
 """
 
 from __future__ import annotations
@@ -14,29 +18,52 @@ import snntorch
 import torch
 from snntorch._neurons.neurons import SpikingNeuron
 
-from .surrogate import get_surrogate
+from .fused import BinaryRule, FusedMultiStep, run_inference
+from .surrogate import SURROGATES, get_surrogate
 
-__all__ = ["MultiStepNeuron"]
+__all__ = ["MIN_THRESHOLD", "MultiStepNeuron"]
+
+# θ is clamped here in every computation: a θ ≤ 0 (reached by learning, say) would divide by zero or flip signs.
+MIN_THRESHOLD = 1e-4
+
+
+def usable_threshold(threshold: torch.Tensor) -> torch.Tensor:
+    """``threshold`` as fp32, clamped to :data:`MIN_THRESHOLD` with a straight-through gradient,
+    so a threshold pushed below it can still be pulled back."""
+    theta = threshold.to(torch.float32)
+    with torch.no_grad():  # no graph (and nothing saved) for the correction
+        correction = theta.clamp_min(MIN_THRESHOLD) - theta
+    return theta + correction
 
 
 class MultiStepNeuron(snntorch.Leaky):
     """A ``snntorch.Leaky`` with β = 1 (no leak), subtract reset and a time-folded forward.
 
-    Subclasses define :meth:`initial_potential` and :meth:`integrate`.
-    ``threshold`` may be a scalar or any tensor broadcastable to one step's input
-    (e.g. ``[C, 1, 1]`` for per-channel thresholds of a conv layer).
+    ``threshold`` θ is the value of one spike; it may be a scalar or any tensor
+    broadcastable to one step's input (e.g. ``[C, 1, 1]`` for per-channel thresholds of a
+    conv layer). The membrane starts at ``v(0) = shift·θ + initial_offset``: ``shift`` is the
+    φ of the QCFS activation the neuron replaces (½ in the paper), ``initial_offset`` what
+    calibration adds (:mod:`qcfs_snntorch.calibration.potentials`).
     """
+
+    rule = BinaryRule()
+    fused = True  # False: the per-step autograd graph (reference; slower, more memory)
 
     def __init__(
         self,
         threshold: float | torch.Tensor = 1.0,
         *,
+        shift: float = 0.5,
         learn_threshold: bool = False,
         surrogate: str = "triangle",
         surrogate_width: float = 1.0,
         detach_reset: bool = True,
     ):
         threshold = torch.as_tensor(threshold, dtype=torch.float32).clone()
+        if not bool((threshold > 0).all()):
+            raise ValueError(f"{type(self).__name__}: the threshold must be > 0 everywhere, got {threshold.min().item():g}")
+        if not 0.0 <= shift < 1.0:
+            raise ValueError(f"{type(self).__name__}: shift (v(0) in units of θ) must be in [0, 1), got {shift!r}")
         super().__init__(
             beta=1.0,
             threshold=threshold,
@@ -48,14 +75,19 @@ class MultiStepNeuron(snntorch.Leaky):
         # snnTorch keeps every neuron ever built in a class-level list (for its
         # init_hidden API, which we do not use): drop ours so converted nets can be freed.
         SpikingNeuron.instances.remove(self)
+        self.shift = float(shift)
         self.surrogate, self.surrogate_width = surrogate, float(surrogate_width)
         self.detach_reset = detach_reset
         self.timesteps = 1  # steps folded into dim 0 of the next input; set by SpikingModel
         self.mem = torch.zeros(0)
         self._fresh = True
-        # Added to v(0); set by conversion-time calibration (qcfs_snntorch.calibrate_snn).
-        # Scalar or broadcastable to one step's input (e.g. [C, 1, 1]).
+        # Added to v(0) by calibration; scalar or broadcastable to one step's input (e.g. [C, 1, 1]).
         self.register_buffer("initial_offset", torch.zeros(()))
+
+    @property
+    def max_spikes(self) -> int:
+        """Most spikes one step can emit (1: binary)."""
+        return self.rule.max_spikes
 
     # Buffers whose shape is set by what is loaded (calibration makes v(0) offsets per layer or per channel).
     resizable_buffers = ("initial_offset",)
@@ -76,12 +108,35 @@ class MultiStepNeuron(snntorch.Leaky):
         self.reset_state()
         return self.mem
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep the membranes of the samples ``rows`` (a boolean mask or indices of the batch) only:
+        the others have stopped (early exit) and are not computed any more."""
+        if not self._fresh:
+            self.mem = self.mem[rows]
+
     def initial_potential(self, like: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        v0 = self.shift * usable_threshold(self.threshold) + self.initial_offset
+        return v0.expand(like.shape)  # integrate copies it
 
     def integrate(self, currents: torch.Tensor, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``currents`` of shape ``[T, B, …]`` from ``mem``; return (outputs, last mem)."""
-        raise NotImplementedError
+        theta = usable_threshold(self.threshold)
+        if not (torch.is_grad_enabled() and (currents.requires_grad or mem.requires_grad or theta.requires_grad)):
+            return run_inference(self.rule, currents, mem, theta)
+        if self.fused:
+            derivative = SURROGATES[self.surrogate]
+            return FusedMultiStep.apply(currents, mem, theta, self.rule, derivative, self.surrogate_width, self.detach_reset)
+        return self._integrate_autograd(currents, mem, theta)
+
+    def _integrate_autograd(self, currents, mem, theta):
+        outputs = []
+        for current in currents:
+            mem = mem + current.float()
+            spikes = self.rule.reference_count(mem, theta, self.spike_grad)
+            reset = spikes.detach() if self.detach_reset else spikes
+            mem = mem - reset * theta
+            outputs.append(spikes * theta)
+        return torch.stack(outputs).to(currents.dtype), mem
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         steps = self.timesteps
@@ -92,8 +147,13 @@ class MultiStepNeuron(snntorch.Leaky):
             )
         currents = input_.reshape(steps, input_.shape[0] // steps, *input_.shape[1:])
         step_shape = currents.shape[1:]
-        if self._fresh or self.mem.shape != step_shape:
+        if self._fresh:
             mem = self.initial_potential(currents[0])
+        elif self.mem.shape != step_shape:
+            raise ValueError(
+                f"{type(self).__name__}: this step's input has shape {tuple(step_shape)} but the membranes hold "
+                f"{tuple(self.mem.shape)} from the previous step; call reset() before a new batch"
+            )
         else:
             mem = self.mem
         out, mem = self.integrate(currents, mem)
@@ -103,4 +163,5 @@ class MultiStepNeuron(snntorch.Leaky):
     def extra_repr(self) -> str:
         t = self.threshold
         theta = f"{t.item():.4g}" if t.numel() == 1 else f"shape={tuple(t.shape)}"
-        return f"threshold={theta}, surrogate={self.surrogate}(width={self.surrogate_width})"
+        spikes = f", max_spikes={self.max_spikes}" if self.max_spikes > 1 else ""
+        return f"threshold={theta}{spikes}, shift={self.shift}, surrogate={self.surrogate}(width={self.surrogate_width})"

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from ..check import CheckReport
 from ..config import RunConfig
-from ..data import DataSplits, sample_batch
+from ..data import DataSplits, sample_batch, train_loader
 from ..spiking import SpikingModel
 from ..training import CheckpointDir
 from .fingerprints import CONTINUABLE, changed, describe
@@ -49,10 +49,8 @@ class RunContext:
         return self.val if self.val is not None else self.test
 
     def train_loader(self) -> DataLoader:
-        workers = self.cfg.data.num_workers
-        return DataLoader(self.data.train, batch_size=self.cfg.data.batch_size, shuffle=True, drop_last=True,
-                          num_workers=workers, persistent_workers=workers > 0,
-                          pin_memory=self.accelerator.device.type == "cuda")
+        """A fresh training loader (with ``data.in_memory``, its batches are augmented on the accelerator's device)."""
+        return train_loader(self.data, self.cfg.data, self.accelerator.device)
 
     def accuracy(self, evaluate: Callable[[DataLoader], float | list[float]]) -> dict:
         """``{"val_top1": …, "top1": …}``: ``evaluate(loader)`` on validation (when there is one) and test."""

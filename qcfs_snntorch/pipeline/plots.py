@@ -37,6 +37,7 @@ def plot_accuracy_vs_timesteps(
     ann: float | None = None,
     finetuned: Mapping | None = None,
     ann_at_levels: Mapping | None = None,
+    early_exit: Mapping | None = None,
     title: str = "SNN accuracy vs time steps",
 ) -> Path:
     """Accuracy against T (log₂ axis): ``snn``, ``finetuned`` and ``ann_at_levels`` (the ANN with
@@ -48,6 +49,8 @@ def plot_accuracy_vs_timesteps(
         lt, lacc = _by_t(ann_at_levels)
         ax.plot(lt, lacc, "^:", color="tab:gray", label="ANN at L = T")
     ax.plot(ts, acc, "o-", label="converted SNN")
+    if early_exit:  # mean steps → accuracy (%), one point per threshold τ
+        ax.plot(list(early_exit), list(early_exit.values()), "x", color="tab:green", markersize=8, label="early exit (mean steps)")
     if finetuned:
         ft_ts, ft_acc = _by_t(finetuned)
         ax.plot(ft_ts, ft_acc, "s--", label="fine-tuned SNN")
@@ -105,6 +108,12 @@ def plot_conversion_error(errors: Mapping, path: str | Path, *, timesteps: int |
     )
 
 
+def _exit_points(exits: Mapping | None) -> dict | None:
+    if not exits:
+        return None
+    return {steps: 100 * acc for steps, acc in zip(exits["test"]["mean_steps"], exits["test"]["top1"])}
+
+
 def plot_report(report: Mapping, path: str | Path) -> Path:
     """The accuracy–latency plot of a run's report (test split)."""
     snn, after = report["snn"], report.get("finetune", {}).get("snn_after")
@@ -114,5 +123,6 @@ def plot_report(report: Mapping, path: str | Path) -> Path:
         ann=100 * report["ann"]["top1"] if report.get("ann", {}).get("top1") is not None else None,
         finetuned={t: 100 * a for t, a in zip(after["timesteps"], after["top1"])} if after else None,
         ann_at_levels={t: 100 * a for t, a in zip(snn["timesteps"], snn.get("ann_at_levels", {}).get("top1", []))},
+        early_exit=_exit_points((after or snn).get("early_exit")),
         title=f"{report.get('model')} on {report.get('dataset')} (test split)",
     )

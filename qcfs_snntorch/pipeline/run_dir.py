@@ -39,7 +39,7 @@ class RunLog:
     def __call__(self, message: str) -> None:
         if not self.enabled:
             return
-        self.console.print(message, markup=False)
+        self.console.print(message, markup=False, soft_wrap=True)  # one line per message: greppable
         if self.path:
             with self.path.open("a") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")

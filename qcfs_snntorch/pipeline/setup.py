@@ -61,7 +61,8 @@ def preflight(cfg: RunConfig, ann, data: DataSplits):
         raise ConversionError(verdict)
     if "export" in stages:  # exportability depends on the architecture only: find out now, not after training
         with tempfile.TemporaryDirectory() as scratch:
-            export_nir(convert(ann, verify=False), Path(scratch) / "probe.nir", data.test[0][0].unsqueeze(0))
+            probe = convert(ann, max_spikes=cfg.snn.max_spikes, verify=False)
+            export_nir(probe, Path(scratch) / "probe.nir", data.test[0][0].unsqueeze(0), portable=cfg.snn.nir_portable)
     return verdict
 
 
@@ -143,9 +144,10 @@ def setup(cfg: RunConfig) -> RunContext:
     if cfg.log_with:
         accelerator.init_trackers("tracking", config={"recipe": cfg.recipe, "model": cfg.model.name, "levels": cfg.model.levels})
 
-    def loader(dataset):
-        return accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_size=cfg.data.eval_batch_size,
-                                                               num_workers=cfg.data.num_workers))
+    def loader(dataset):  # in memory (data.in_memory), a batch is one gather: worker processes would only copy it
+        return accelerator.prepare(torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.data.eval_batch_size, num_workers=0 if cfg.data.in_memory else cfg.data.num_workers,
+            pin_memory=accelerator.device.type == "cuda"))
 
     ctx = RunContext(cfg=cfg, accelerator=accelerator, data=data, val=loader(data.val) if data.val is not None else None,
                      test=loader(data.test), ann=ann.to(accelerator.device), run_dir=run_dir, log=log, verdict=verdict)

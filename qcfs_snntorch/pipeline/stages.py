@@ -20,7 +20,7 @@ import copy
 from accelerate.utils import set_seed
 
 from ..calibration import calibrate_potentials
-from ..convert import convert
+from ..convert import convert, preferred_memory_format
 from ..export import export_nir
 from ..spiking import SpikingModel
 from ..stats import conversion_error, spike_stats
@@ -32,6 +32,7 @@ from ..training import (
     evaluate_ann,
     evaluate_ann_at_levels,
     evaluate_snn,
+    evaluate_snn_exits,
     fit,
     load_weights,
     save_weights,
@@ -39,12 +40,13 @@ from ..training import (
 from . import plots
 from .context import RunContext
 from .fingerprints import architecture, pick
-from .tables import error_table, stats_tables
+from .load import weights_metadata
+from .tables import early_exit_table, error_table, stats_tables
 
 __all__ = ["STAGE_CLASSES", "Calibrate", "Check", "Convert", "Eval", "Export", "Finetune", "Stage", "Train"]
 
 # Settings of the data that change what a model is trained on (not where it is read from or how fast).
-DATA_CONTENT = ("data.name", "data.image_size", "data.val_split", "data.train_subset", "data.batch_size",
+DATA_CONTENT = ("data.name", "data.image_size", "data.val_split", "data.split_seed", "data.train_subset", "data.batch_size",
                 "data.autoaugment", "data.cutout")
 
 
@@ -94,6 +96,8 @@ class Train(Stage):
 
     def run(self, ctx: RunContext) -> dict:
         cfg = ctx.cfg
+        if ctx.accelerator.device.type == "cuda":  # cuDNN's fastest layout; a CPU trained no faster in it (docs/BENCHMARKS.md)
+            ctx.ann.to(memory_format=preferred_memory_format(ctx.ann))
         history = fit(
             ctx.ann, ctx.train_loader(), cfg=cfg.train, accelerator=ctx.accelerator,
             checkpoints=ctx.checkpoints("ann", self.fingerprint(cfg)),
@@ -104,7 +108,7 @@ class Train(Stage):
         ctx.ann.eval()
         ctx.ann_accuracy = ctx.accuracy(lambda loader: evaluate_ann(ctx.ann, loader, ctx.accelerator))
         if ctx.accelerator.is_main_process:
-            save_weights(ctx.ann, ctx.run_dir.file("ann.safetensors"), {"model": cfg.model.name, "levels": cfg.model.levels})
+            save_weights(ctx.ann, ctx.run_dir.file("ann.safetensors"), weights_metadata(ctx, "ann"))
         ctx.log(f"[ANN] test top-1 {ctx.ann_accuracy['top1']:.4f}" + _val_text(ctx.ann_accuracy))
         return {"ann": {**ctx.ann_accuracy, "history": history, **_thresholds(ctx.ann)}}
 
@@ -133,15 +137,15 @@ class Convert(Stage):
         return bool(set(cfg.stages) & {"convert", "eval", "calibrate", "finetune", "export"})
 
     def fingerprint(self, cfg) -> dict:
-        return pick(cfg, ("snn.fold_bn", "finetune.learn_threshold", "finetune.surrogate", "finetune.surrogate_width",
-                          "model.checkpoint"))
+        return pick(cfg, ("snn.fold_bn", "snn.max_spikes", "finetune.learn_threshold", "finetune.surrogate",
+                          "finetune.surrogate_width", "model.checkpoint"))
 
     def _convert(self, ctx: RunContext) -> None:
         cfg = ctx.cfg
         ctx.ann.eval()
         ctx.snn = convert(ctx.ann, fold_bn=cfg.snn.fold_bn, learn_threshold=cfg.finetune.learn_threshold,
                           surrogate=cfg.finetune.surrogate, surrogate_width=cfg.finetune.surrogate_width,
-                          chunk_size=cfg.snn.chunk_size, verify=False).to(ctx.accelerator.device)
+                          chunk_size=cfg.snn.chunk_size, max_spikes=cfg.snn.max_spikes, verify=False).to(ctx.accelerator.device)
 
     def run(self, ctx: RunContext) -> dict:
         parts = {}
@@ -151,7 +155,8 @@ class Convert(Stage):
             parts["ann"] = {**ctx.ann_accuracy, **_thresholds(ctx.ann)}
             ctx.log(f"[ANN] test top-1 {ctx.ann_accuracy['top1']:.4f}" + _val_text(ctx.ann_accuracy))
         self._convert(ctx)
-        return {**parts, "convert": {"neurons": len(ctx.snn.neurons()), "fold_bn": ctx.cfg.snn.fold_bn}}
+        return {**parts, "convert": {"neurons": len(ctx.snn.neurons()), "fold_bn": ctx.cfg.snn.fold_bn,
+                                     "max_spikes": ctx.cfg.snn.max_spikes}}
 
     def restore(self, ctx: RunContext) -> bool:
         if ctx.ann_accuracy is None:
@@ -161,20 +166,70 @@ class Convert(Stage):
         return True
 
 
+def _lists(exits: dict) -> dict:
+    """The per-τ measurements of an early-exit result (one list entry per threshold)."""
+    return {key: exits[key] for key in ("top1", "mean_steps", "p95_steps", "max_steps")}
+
+
+def _exit_menu(cfg, val: dict | None, test: dict, evaluated: list[int], reference: int) -> dict:
+    """The early-exit report: every τ on both splits, and the τ chosen on validation (else test):
+    the fewest mean steps within ``snn.early_exit_tolerance`` of the accuracy at the fixed reference T."""
+    chooser = val or test
+    bar = chooser["top1"][evaluated.index(reference)] - cfg.early_exit_tolerance
+    menu = _lists(chooser["early_exit"])
+    fitting = [i for i, acc in enumerate(menu["top1"]) if acc >= bar]
+    chosen = min(fitting, key=lambda i: menu["mean_steps"][i]) if fitting else None
+
+    def at_chosen(result):
+        return {key: value[chosen] for key, value in _lists(result["early_exit"]).items()}
+
+    return {
+        "rule": cfg.early_exit_rule, "max_timesteps": max(evaluated), "thresholds": list(cfg.early_exit),
+        "val": _lists(val["early_exit"]) if val else None, "test": _lists(test["early_exit"]),
+        "reference": {"timesteps": reference, "top1": test["top1"][evaluated.index(reference)],
+                      "val_top1": val["top1"][evaluated.index(reference)] if val else None},
+        "chosen": None if chosen is None else {"threshold": cfg.early_exit[chosen], "chosen_on": "val" if val else "test",
+                                               "val": at_chosen(val) if val else None, "test": at_chosen(test)},
+    }
+
+
+def spiking_accuracy(ctx: RunContext, snn: SpikingModel, timesteps: list[int]) -> tuple[dict, dict | None]:
+    """``snn``'s top-1 at every T (validation and test) and its early-exit menu, one pass per split."""
+    cfg = ctx.cfg.snn
+    reference = min(cfg.early_exit_reference, max(timesteps))
+    evaluated = sorted(set(timesteps) | ({reference} if cfg.early_exit else set()))
+
+    def run(loader):
+        return evaluate_snn_exits(snn, loader, evaluated, ctx.accelerator, exit_thresholds=cfg.early_exit,
+                                  exit_rule=cfg.early_exit_rule)
+
+    val, test = run(ctx.val) if ctx.val is not None else None, run(ctx.test)
+    rows = [evaluated.index(t) for t in timesteps]
+    accuracy = {"timesteps": list(timesteps), "top1": [test["top1"][i] for i in rows],
+                "val_top1": [val["top1"][i] for i in rows] if val else None}
+    return accuracy, (_exit_menu(cfg, val, test, evaluated, reference) if cfg.early_exit else None)
+
+
 class Eval(Stage):
-    """The converted SNN at every T (and the ANN at L = T), spike statistics, per-layer error."""
+    """The converted SNN at every T (and the ANN at L = B·T), early exit, spike statistics, per-layer error."""
 
     name, outputs, after = "eval", ("snn", "spikes", "conversion_error"), ("convert",)
 
     def fingerprint(self, cfg) -> dict:
-        return pick(cfg, ("snn.timesteps", "snn.stats_timesteps", "snn.stats_samples", "data.eval_subset", "seed"))
+        return pick(cfg, ("snn.timesteps", "snn.stats_timesteps", "snn.stats_samples", "data.eval_subset", "seed",
+                          "snn.early_exit", "snn.early_exit_rule", "snn.early_exit_reference", "snn.early_exit_tolerance"))
 
     def run(self, ctx: RunContext) -> dict:
         cfg, accelerator = ctx.cfg, ctx.accelerator
         timesteps = list(cfg.snn.timesteps)
-        accuracy = ctx.accuracy(lambda loader: evaluate_snn(ctx.snn, loader, timesteps, accelerator))
-        at_levels = evaluate_ann_at_levels(ctx.ann, ctx.test, timesteps, accelerator)
-        parts = {"snn": {"timesteps": timesteps, **accuracy, "ann_at_levels": {"top1": at_levels}}}
+        accuracy, exits = spiking_accuracy(ctx, ctx.snn, timesteps)
+        # An SNN of B-spike neurons at T steps approximates the ANN at L = B·T.
+        levels = [cfg.snn.max_spikes * t for t in timesteps]
+        at_levels = evaluate_ann_at_levels(ctx.ann, ctx.test, levels, accelerator)
+        parts = {"snn": {**accuracy, "max_spikes": cfg.snn.max_spikes, "ann_at_levels": {"levels": levels, "top1": at_levels},
+                         **({"early_exit": exits} if exits else {})}}
+        if exits:
+            ctx.log.table(early_exit_table(exits))
         if accelerator.is_main_process:
             sample = ctx.statistics_batch()
             parts["spikes"] = spike_stats(ctx.snn, sample, cfg.snn.stats_timesteps)
@@ -198,7 +253,7 @@ class Calibrate(Stage):
         return bool(cfg.snn.calibrate) and bool(set(cfg.stages) & {"calibrate", "eval", "finetune"})
 
     def fingerprint(self, cfg) -> dict:
-        keys = ["snn.calibrate", "snn.calibrate_timesteps", "snn.calibrate_samples", "seed", "data.val_split"]
+        keys = ["snn.calibrate", "snn.calibrate_timesteps", "snn.calibrate_samples", "seed", "data.val_split", "data.split_seed"]
         if "finetune" in cfg.stages:
             keys.append("finetune.timesteps")
         return pick(cfg, keys)
@@ -228,7 +283,7 @@ class Calibrate(Stage):
         if start is not None:
             ctx.snn = start
             if accelerator.is_main_process:
-                save_weights(ctx.snn, ctx.run_dir.file("calibrated.safetensors"), {"timesteps": cfg.finetune.timesteps})
+                save_weights(ctx.snn, ctx.run_dir.file("calibrated.safetensors"), weights_metadata(ctx, "calibrated"))
         return {"calibration": result}
 
     def _choose(self, ctx: RunContext, candidate: SpikingModel, steps: int, accuracy: dict, result: dict) -> SpikingModel:
@@ -285,16 +340,16 @@ class Finetune(Stage):
                 resume=cfg.resume, log=ctx.log, label=f"SNN T={phase}", name="finetune",
             )]
         timesteps = sorted(set(cfg.snn.timesteps) | {steps})
-        after = ctx.accuracy(lambda loader: evaluate_snn(ctx.snn, loader, timesteps, accelerator))
+        after, exits = spiking_accuracy(ctx, ctx.snn, timesteps)
         at = timesteps.index(steps)
         if accelerator.is_main_process:
-            save_weights(ctx.snn, ctx.run_dir.file("snn.safetensors"), {"model": cfg.model.name, "timesteps": steps})
+            save_weights(ctx.snn, ctx.run_dir.file("snn.safetensors"), weights_metadata(ctx, "snn"))
         ctx.log(f"[SNN] test top-1 at T={steps}: {before['top1']:.4f} before, {after['top1'][at]:.4f} after fine-tuning")
         return {"finetune": {
             "timesteps": steps,
             "top1_before": before["top1"], "top1_after": after["top1"][at],
             "val_top1_before": before["val_top1"], "val_top1_after": after["val_top1"][at] if after["val_top1"] else None,
-            "snn_after": {"timesteps": timesteps, **after},
+            "snn_after": {**after, **({"early_exit": exits} if exits else {})},
             "history": history,
         }}
 
@@ -313,14 +368,15 @@ class Export(Stage):
     name, outputs, after = "export", ("export",), ("convert", "calibrate", "finetune")
 
     def fingerprint(self, cfg) -> dict:
-        return {}
+        return pick(cfg, ("snn.nir_portable",))
 
     def run(self, ctx: RunContext) -> dict:
         path = ctx.run_dir.file("snn.nir")
+        portable = "not written"
         if ctx.accelerator.is_main_process:
-            export_nir(ctx.snn, path, ctx.statistics_batch()[:1])
-        ctx.log(f"NIR graph: {path} (what NIR cannot express: docs/NIR.md)")
-        return {"export": {"nir": str(path)}}
+            portable = export_nir(ctx.snn, path, ctx.statistics_batch()[:1], portable=ctx.cfg.snn.nir_portable).metadata["portable"]
+        ctx.log(f"NIR graph: {path}; portable (the node types every NIR consumer maps): {portable} (docs/NIR.md)")
+        return {"export": {"nir": str(path), "portable": portable}}
 
     def restore(self, ctx: RunContext) -> bool:
         return ctx.run_dir.file("snn.nir").is_file()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-__all__ = ["accuracy_table", "error_table", "render", "stats_tables"]
+__all__ = ["accuracy_table", "early_exit_table", "error_table", "render", "stats_tables"]
 
 
 def _fmt(value, spec: str = ".3g") -> str:
@@ -31,8 +31,10 @@ def accuracy_table(report: dict) -> Table:
     ann = report.get("ann", {}).get("top1")
     at_levels = dict(zip(snn.get("timesteps", []), snn.get("ann_at_levels", {}).get("top1", [])))
     after_by_t = dict(zip(after.get("timesteps", []), after.get("top1", [])))
-    table = Table(title=f"{report.get('model')} on {report.get('dataset')}: test top-1 (%)")
-    columns = ["T", "ANN at L=T", "SNN", "gap"] + (["fine-tuned", "gap"] if after else [])
+    spikes = snn.get("max_spikes", 1)
+    table = Table(title=f"{report.get('model')} on {report.get('dataset')}: test top-1 (%)"
+                        + (f", graded spikes (≤ {spikes} per step)" if spikes > 1 else ""))
+    columns = ["T", "ANN at L=T" if spikes == 1 else f"ANN at L={spikes}·T", "SNN", "gap"] + (["fine-tuned", "gap"] if after else [])
     for name in columns:
         table.add_column(name, justify="right")
     for t, acc in zip(snn.get("timesteps", []), snn.get("top1", [])):
@@ -42,10 +44,29 @@ def accuracy_table(report: dict) -> Table:
         table.add_row(*row)
     if ann is not None:
         table.caption = (f"ANN (QCFS, L={report.get('levels')}): {100 * ann:.2f}%; gap = ANN − SNN. "
-                         "An SNN at T steps approximates the ANN at L = T: a low 'ANN at L=T' is quantization "
-                         "sensitivity, a gap between it and the SNN is conversion error")
+                         "An SNN at T steps approximates the ANN at L = T (B·T with B spikes per step): a low value "
+                         "there is quantization sensitivity, a gap between it and the SNN is conversion error")
         if after:
             table.caption += f"; fine-tuned at T={report['finetune']['timesteps']}"
+    return table
+
+
+def early_exit_table(exits: dict) -> Table:
+    """Accuracy against mean and 95th-percentile steps for each early-exit threshold τ (validation and test)."""
+    ref = exits["reference"]
+    table = Table(title=f"Early exit ({exits['rule']}, at most {exits['max_timesteps']} steps): top-1 (%) and steps")
+    for name in ("τ", "val top-1", "val mean", "val p95", "test top-1", "test mean", "test p95"):
+        table.add_column(name, justify="right")
+    val, test = exits.get("val") or {}, exits["test"]
+    chosen = (exits.get("chosen") or {}).get("threshold")
+    for i, tau in enumerate(exits["thresholds"]):
+        cells = [f"{tau:g}" + (" ←" if tau == chosen else "")]
+        cells += [_percent(val["top1"][i]), f"{val['mean_steps'][i]:.2f}", f"{val['p95_steps'][i]:.0f}"] if val else ["", "", ""]
+        cells += [_percent(test["top1"][i]), f"{test['mean_steps'][i]:.2f}", f"{test['p95_steps'][i]:.0f}"]
+        table.add_row(*cells)
+    table.caption = (f"fixed T = {ref['timesteps']}: test {_percent(ref['top1'])}"
+                     + (f", validation {_percent(ref['val_top1'])}" if ref.get("val_top1") is not None else "")
+                     + ("; ← the τ chosen on " + exits["chosen"]["chosen_on"] if chosen is not None else "; no τ within tolerance"))
     return table
 
 
@@ -53,10 +74,10 @@ def stats_tables(stats: dict) -> list[Table]:
     """Tables (neurons, layers, totals) for a :func:`~qcfs_snntorch.stats.spike_stats` result."""
     t = stats["timesteps"]
     neurons = Table(title=f"Firing rates (T = {t})")
-    for col in ("layer", "neurons", "rate (spikes/neuron/step)", "spikes/sample"):
+    for col in ("layer", "neurons", "rate (events/neuron/step)", "events/sample", "spikes/sample"):
         neurons.add_column(col, justify="left" if col == "layer" else "right")
     for n in stats["neurons"]:
-        neurons.add_row(n["name"], str(n["neurons"]), _fmt(n["firing_rate"]), _fmt(n["spikes"]))
+        neurons.add_row(n["name"], str(n["neurons"]), _fmt(n["firing_rate"]), _fmt(n["events"]), _fmt(n["spikes"]))
 
     layers = Table(title=f"Synaptic operations per sample (T = {t})")
     for col in ("layer", "type", "MACs/step", "input rate", "op", "ops", "energy µJ (est.)"):

@@ -2,7 +2,7 @@
 
 from .checkpoints import CheckpointDir, CheckpointError, atomic_write_text, load_weights, read_metadata, save_weights
 from .distributed import average_batchnorm_stats, broadcast_state, make_accelerator, shared_state
-from .evaluate import evaluate_ann, evaluate_ann_at_levels, evaluate_snn, quantization_levels
+from .evaluate import evaluate_ann, evaluate_ann_at_levels, evaluate_snn, evaluate_snn_exits, quantization_levels
 from .loop import SCHEDULERS, TrainingDiverged, TrainingOutOfMemory, TrainingSetupError, fit, non_finite
 from .tasks import Classification, SpikingFinetune, distillation_loss, draw, tet_loss
 
@@ -23,6 +23,7 @@ __all__ = [
     "evaluate_ann",
     "evaluate_ann_at_levels",
     "evaluate_snn",
+    "evaluate_snn_exits",
     "fit",
     "load_weights",
     "make_accelerator",

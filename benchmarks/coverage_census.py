@@ -1,0 +1,450 @@
+"""Which timm architectures convert: check() on every name, then convert() + an SNN forward on a sample.
+
+    OMP_NUM_THREADS=1 nice -n 19 python benchmarks/coverage_census.py              # both stages
+    python benchmarks/coverage_census.py --stage 1 --names resnet18 vit_tiny_patch16_224
+    python benchmarks/coverage_census.py --limit 40 --extra 3 --size 64 --out-dir /tmp/census_quick
+
+Stage 1 (structure): every name of ``timm.list_models()`` is built with
+``create_model(name, num_classes=10, activations=("relu",))`` on the ``meta`` device (no
+weights are allocated, so size costs nothing) and passed to ``check``. A model refused
+*only* because activations other than ReLU are left over is built again with
+``activations=("relu", "silu", "gelu")`` and checked again (such a network has to be
+trained with QCFS from the start). Each name ends as ``converts``, ``refused`` (with the
+``Problem.kind`` values) or ``failed`` (an exception in ``create_model`` or ``check``).
+
+Stage 2 (does it really run): from the converting names, the smallest-parameter member
+of every timm family (the model module of its entrypoint, e.g. ``timm.models.resnet``)
+plus ``--extra`` more drawn at random (``--seed``), each at most ``--max-params`` million
+parameters, are built for real on the CPU (``pretrained=False``, eval mode), converted
+with ``convert`` and run once: ``snn(torch.rand(1, 3, S, S), timesteps=T)``. S is the
+model's default input size (its pretrained cfg; 224 without one), capped by ``--size``
+unless the architecture has a fixed input size. A run counts when the output is
+``[T, 1, 10]`` and finite.
+
+Both stages append one JSON line per model to ``stage1.jsonl`` / ``stage2.jsonl`` in
+``--out-dir`` as they go and skip names already there, so an interrupted run resumes
+where it stopped (delete the files to start over). At the end ``coverage_census.json``
+(everything, with machine, versions, date and command line) and ``coverage_census.md``
+(the tables of docs/COVERAGE.md) are written from all lines.
+"""
+
+# ruff: noqa: I001  (_common goes before torch: it sets OMP_WAIT_POLICY)
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+
+from _common import machine
+
+import timm
+import torch
+
+import qcfs_snntorch as qs
+
+ROOT = Path(__file__).resolve().parents[1]
+RELU = ("relu",)
+FALLBACK = ("relu", "silu", "gelu")
+KIND_LABELS = {
+    "gate": "gating",
+    "norm": "LayerNorm/GroupNorm",
+    "attention": "attention",
+    "shared": "activation in a loop/shared",
+    "max": "max",
+    "nonlinear": "other non-linear op",
+    "activation": "activation left",
+    "no_activation": "no activation",
+}
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def package_hash() -> str:
+    """sha256 (16 hex digits) of the package's sources: which code produced a line."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "qcfs_snntorch").rglob("*.py")):
+        digest.update(str(path.relative_to(ROOT)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def provenance(argv: list[str]) -> dict:
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": " ".join(["python", "benchmarks/coverage_census.py", *argv]),
+        "machine": machine(),
+        "python": platform.python_version(),
+        "timm": timm.__version__,
+        "qcfs_snntorch": qs.__version__,
+        "git_commit": git("rev-parse", "HEAD"),
+        "package_changes": git("status", "--porcelain", "--", "qcfs_snntorch").splitlines(),
+        "package_hash": package_hash(),
+    }
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".strip()[:300]
+
+
+def families() -> dict[str, str]:
+    """model name → its timm family (model module), from timm's public registry queries."""
+    return {name: module for module in timm.list_modules() for name in timm.list_models(module=module)}
+
+
+def read_jsonl(path: Path) -> dict[str, dict]:
+    """name → the last record written for it (a resumed run may have rewritten a line)."""
+    records: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                records[rec["name"]] = rec
+    return records
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as out:
+        out.write(json.dumps(record) + "\n")
+
+
+class Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise Timeout("gave up after --timeout seconds")
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+def _check_once(name: str, activations: tuple[str, ...], rec: dict) -> tuple[torch.nn.Module, qs.CheckReport]:
+    rec["step"] = "create_model"
+    with torch.device("meta"):  # no weights are initialised: big models cost nothing
+        model = qs.create_model(name, num_classes=10, activations=activations)
+    rec["step"] = "check"
+    return model, qs.check(model)
+
+
+def _kinds(report: qs.CheckReport) -> list[str]:
+    return sorted({p.kind for p in report.problems}) or ([] if report.activations else ["no_activation"])
+
+
+def census_one(name: str, family: str, pkg: str) -> dict:
+    """Stage 1 for one name: ReLU-only, then ReLU+SiLU+GELU if only leftover activations stood in the way."""
+    rec = {"name": name, "family": family, "package_hash": pkg, "activations": list(RELU)}
+    start = time.perf_counter()
+    try:
+        model, report = _check_once(name, RELU, rec)
+        if _kinds(report) == ["activation"]:
+            rec["relu_only_problems"] = [str(p)[:160] for p in report.problems[:3]]
+            rec["activations"] = list(FALLBACK)
+            model, report = _check_once(name, FALLBACK, rec)
+    except Exception as exc:  # every exception is a census result too
+        rec.update(status="failed", error=first_line(exc), traceback=traceback.format_exc()[-800:])
+    else:
+        del rec["step"]
+        rec.update(
+            status="converts" if report.convertible else "refused",
+            kinds=_kinds(report),
+            params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            qcfs=report.activations,
+            replaced=model.qcfs_surgery["activations"],
+            rewritten_calls=sum(len(v) for v in model.qcfs_surgery["calls"].values()),
+            problems=len(report.problems),
+            first_problems=[str(p)[:160] for p in report.problems[:3]],
+            untraced=report.untraced,
+        )
+    rec["seconds"] = round(time.perf_counter() - start, 2)
+    return rec
+
+
+def run_stage1(names: list[str], fams: dict[str, str], path: Path, pkg: str) -> float:
+    done = read_jsonl(path)
+    todo = [n for n in names if n not in done]
+    print(f"stage 1: {len(names)} names, {len(names) - len(todo)} already in {path}, {len(todo)} to check", flush=True)
+    start = time.perf_counter()
+    for i, name in enumerate(todo, 1):
+        rec = census_one(name, fams.get(name, "?"), pkg)
+        append_jsonl(path, rec)
+        print(f"[1: {i}/{len(todo)}] {name}: {rec['status']} {rec.get('kinds', rec.get('error', ''))} {rec['seconds']}s", flush=True)
+        gc.collect()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+def sample(records: dict[str, dict], max_params: float, extra: int, seed: int) -> tuple[list[str], dict[str, list[str]]]:
+    """Smallest converting member per family (within the cap) plus ``extra`` random others; and the over-cap families."""
+    by_family: dict[str, list[dict]] = defaultdict(list)
+    for rec in records.values():
+        if rec["status"] == "converts":
+            by_family[rec["family"]].append(rec)
+    chosen, over_cap = [], {}
+    for family, recs in sorted(by_family.items()):
+        fitting = sorted((r for r in recs if r["params_m"] <= max_params), key=lambda r: (r["params_m"], r["name"]))
+        if fitting:
+            chosen.append(fitting[0]["name"])
+        else:
+            over_cap[family] = sorted(r["name"] for r in recs)
+    rest = sorted(r["name"] for recs in by_family.values() for r in recs if r["params_m"] <= max_params and r["name"] not in chosen)
+    chosen += sorted(random.Random(seed).sample(rest, min(extra, len(rest))))
+    return chosen, over_cap
+
+
+def input_size(name: str, cap: int | None) -> tuple[int, int, bool]:
+    """(S used, default S, fixed) from the model's pretrained cfg."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    default = int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
+    fixed = bool(cfg is not None and cfg.fixed_input_size)
+    size = default if cap is None or fixed else min(cap, default)
+    return size, default, fixed
+
+
+def _forward(snn: qs.SpikingModel, size: int, timesteps: int) -> dict:
+    x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = snn(x, timesteps=timesteps)
+    shape = list(out.shape)
+    finite = bool(torch.isfinite(out).all())
+    return {
+        "forward_s": round(time.perf_counter() - start, 2),
+        "shape": shape,
+        "finite": finite,
+        "ran": shape == [timesteps, 1, 10] and finite,
+    }
+
+
+def _run_steps(name: str, rec: dict, size: int, timesteps: int) -> None:
+    """Build, convert, run; fills ``rec`` as it goes so a failure keeps what was reached."""
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    model = qs.create_model(name, num_classes=10, activations=tuple(rec["activations"])).eval()
+    rec["build_s"] = round(time.perf_counter() - start, 2)
+    rec["step"] = "convert"
+    start = time.perf_counter()
+    snn = qs.convert(model)
+    rec.update(converted=True, convert_s=round(time.perf_counter() - start, 2), step="forward")
+    del model
+    try:
+        rec.update(_forward(snn, size, timesteps))
+    except Exception as exc:
+        if size == rec["default_size"]:
+            raise
+        # Too small for this architecture: say so, then try the model's own size.
+        rec.update(capped_error=first_line(exc), size=rec["default_size"])
+        rec.update(_forward(snn, rec["default_size"], timesteps))
+    rec.pop("step")
+
+
+def run_one(name: str, stage1: dict, cap: int | None, timesteps: int, timeout: int) -> dict:
+    size, default, fixed = input_size(name, cap)
+    rec = {
+        "name": name, "family": stage1["family"], "params_m": stage1["params_m"], "activations": stage1["activations"],
+        "size": size, "default_size": default, "fixed_input_size": fixed, "timesteps": timesteps,
+        "converted": False, "ran": False, "step": "create_model",
+    }
+    start = time.perf_counter()
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
+    try:
+        _run_steps(name, rec, size, timesteps)
+    except Exception as exc:  # every failure is a result (Timeout included)
+        rec.update(error=first_line(exc), traceback=traceback.format_exc()[-1500:])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    rec["seconds"] = round(time.perf_counter() - start, 2)
+    return rec
+
+
+def run_stage2(names: list[str], stage1: dict[str, dict], path: Path, args, pkg: str) -> float:
+    done = read_jsonl(path)
+    todo = [n for n in names if n not in done]
+    print(f"stage 2: {len(names)} models, {len(names) - len(todo)} already in {path}, {len(todo)} to run", flush=True)
+    start = time.perf_counter()
+    for i, name in enumerate(todo, 1):
+        rec = run_one(name, stage1[name], args.size, args.timesteps, args.timeout)
+        rec["package_hash"] = pkg
+        append_jsonl(path, rec)
+        outcome = "ran" if rec["ran"] else f"FAILED at {rec.get('step')}: {rec.get('error', rec.get('shape'))}"
+        print(f"[2: {i}/{len(todo)}] {name} ({rec['params_m']} M, {rec['size']} px): {outcome} {rec['seconds']}s", flush=True)
+        gc.collect()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def stage1_totals(records: list[dict]) -> dict:
+    status = Counter(r["status"] for r in records)
+    converts = [r for r in records if r["status"] == "converts"]
+    return {
+        "names": len(records),
+        "converts": status["converts"],
+        "converts_relu_only": sum(r["activations"] == list(RELU) for r in converts),
+        "converts_after_silu_gelu": sorted(r["name"] for r in converts if r["activations"] != list(RELU)),
+        "refused": status["refused"],
+        "failed": status["failed"],
+        "refusal_kinds": dict(Counter(k for r in records if r["status"] == "refused" for k in r["kinds"]).most_common()),
+        "model_seconds": round(sum(r["seconds"] for r in records), 1),
+    }
+
+
+def family_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    by_family: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        by_family[r["family"]].append(r)
+    for family, recs in sorted(by_family.items()):
+        status = Counter(r["status"] for r in recs)
+        after = sum(r["status"] == "converts" and r["activations"] != list(RELU) for r in recs)
+        kinds = Counter(k for r in recs if r["status"] == "refused" for k in r["kinds"])
+        rows.append({
+            "family": family, "archs": len(recs), "converts": status["converts"], "after_silu_gelu": after,
+            "refused": status["refused"], "failed": status["failed"],
+            "reasons": ", ".join(f"{KIND_LABELS.get(k, k)} {n}" for k, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))),
+        })
+    return rows
+
+
+def stage2_summary(records: list[dict], over_cap: dict[str, list[str]]) -> dict:
+    return {
+        "sampled": len(records),
+        "converted": sum(r["converted"] for r in records),
+        "ran": sum(r["ran"] for r in records),
+        "families": len({r["family"] for r in records}),
+        "failures": [{k: r.get(k) for k in ("name", "family", "step", "error", "shape", "finite")} for r in records if not r["ran"]],
+        "families_over_cap": over_cap,
+        "model_seconds": round(sum(r["seconds"] for r in records), 1),
+    }
+
+
+def _stage2_cell(r: dict) -> str:
+    if r["ran"]:
+        note = f" (at {r['size']} px after: {r['capped_error']})" if r.get("capped_error") else ""
+        return f"{r['seconds']} s{note}"
+    if r.get("error"):
+        return f"{r.get('step')}: `{r['error'][:160]}`"
+    return f"shape {r.get('shape')}, finite {r.get('finite')}"
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"Produced by `{summary['meta']['command']}` on {summary['meta']['date']}.", ""]
+    t = summary.get("stage1", {}).get("totals")
+    if t:
+        lines += [
+            "### Stage 1: `check` on every name (meta device)", "",
+            "| | archs |", "|---|---|",
+            f"| converts | **{t['converts']}** |",
+            f"| — with `activations=(\"relu\",)` | {t['converts_relu_only']} |",
+            f"| — only with `activations=(\"relu\", \"silu\", \"gelu\")` | {len(t['converts_after_silu_gelu'])} |",
+            f"| refused | **{t['refused']}** |",
+            f"| failed (exception in `create_model` or `check`) | **{t['failed']}** |", "",
+            "| reason (`Problem.kind`) | refused archs |", "|---|---|",
+            *(f"| `{k}` | {n} |" for k, n in t["refusal_kinds"].items()), "",
+            "| family | archs | converts | refused | failed | refused because (archs per reason) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in summary["stage1"]["families"]:
+            conv = f"{row['converts']} ({row['after_silu_gelu']} with SiLU/GELU)" if row["after_silu_gelu"] else str(row["converts"])
+            lines.append(f"| {row['family']} | {row['archs']} | {conv} | {row['refused']} | {row['failed']} | {row['reasons']} |")
+        lines.append("")
+    s2 = summary.get("stage2")
+    if s2:
+        s = s2["summary"]
+        lines += [
+            "### Stage 2: `convert` and one SNN forward on a sample", "",
+            f"**{s['ran']} of {s['sampled']} sampled models convert and run a forward pass** "
+            f"({s['converted']} convert; {s['families']} families).", "",
+            "| family | model | params (M) | input | converted | ran | seconds / error |", "|---|---|---|---|---|---|---|",
+        ]
+        for r in s2["records"]:
+            yes = {True: "yes", False: "**no**"}
+            lines.append(
+                f"| {r['family']} | {r['name']} | {r['params_m']} | {r['size']} | {yes[r['converted']]} | {yes[r['ran']]} | {_stage2_cell(r)} |"
+            )
+        for family, names in s["families_over_cap"].items():
+            lines.append(f"| {family} | all over the cap: {', '.join(names)} | | | — | — | skipped |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=["1", "2", "all"], default="all")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "coverage_census")
+    ap.add_argument("--names", nargs="+", help="only these timm names (stage 2: run exactly these)")
+    ap.add_argument("--limit", type=int, help="stage 1: only the first N names of timm.list_models()")
+    ap.add_argument("--extra", type=int, default=15, help="stage 2: random converting models beyond one per family")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-params", type=float, default=150.0, help="stage 2: skip models over this many million parameters")
+    ap.add_argument("--size", type=int, help="stage 2: cap the input side at this many pixels (not for fixed-size models)")
+    ap.add_argument("--timesteps", type=int, default=2)
+    ap.add_argument("--timeout", type=int, default=600, help="stage 2: seconds per model")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    meta, fams = provenance(argv), families()
+    path1, path2 = args.out_dir / "stage1.jsonl", args.out_dir / "stage2.jsonl"
+    summary: dict = {"meta": meta, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    names = args.names or timm.list_models()[: args.limit]
+    if args.stage in ("1", "all"):
+        summary["stage1"] = {"wall_s_this_run": round(run_stage1(names, fams, path1, meta["package_hash"]), 1)}
+    stage1 = read_jsonl(path1)
+    if args.stage in ("2", "all"):
+        if args.names:
+            missing = [n for n in args.names if n not in stage1]
+            run_stage1(missing, fams, path1, meta["package_hash"])
+            stage1 = read_jsonl(path1)
+            picked, over_cap = [n for n in args.names if stage1[n]["status"] == "converts"], {}
+            if len(picked) < len(args.names):
+                print(f"stage 2: not converting by stage 1, not run: {sorted(set(args.names) - set(picked))}", flush=True)
+        else:
+            picked, over_cap = sample(stage1, args.max_params, args.extra, args.seed)
+        wall = run_stage2(picked, stage1, path2, args, meta["package_hash"])
+        done2 = read_jsonl(path2)
+        records2 = [done2[n] for n in picked]
+        summary["stage2"] = {"wall_s_this_run": round(wall, 1), "picked": picked,
+                             "summary": stage2_summary(records2, over_cap), "records": records2}
+    records1 = list(stage1.values())
+    summary.setdefault("stage1", {}).update(totals=stage1_totals(records1), families=family_rows(records1),
+                                            package_hashes=sorted({r["package_hash"] for r in records1}), records=records1)
+    (args.out_dir / "coverage_census.json").write_text(json.dumps(summary, indent=1))
+    (args.out_dir / "coverage_census.md").write_text(markdown(summary))
+    print(markdown(summary))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
