@@ -6,8 +6,7 @@ import copy
 
 import torch
 import torch.fx
-from timm.layers import BatchNormAct2d
-from timm.layers._fx import is_notrace_module
+from timm.layers import BatchNormAct2d, is_notrace_module
 from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 

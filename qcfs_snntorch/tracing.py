@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.fx
-from timm.layers._fx import get_notrace_functions, is_notrace_module
+from timm.layers import get_notrace_functions, is_notrace_module
 from torch import nn
 
 from .neurons import MultiStepNeuron
