@@ -122,6 +122,7 @@ class FinetuneConfig(OptimConfig):
     progressive: list[int] = field(default_factory=list)  # fine-tune at these T first, in order (e.g. [4]), then at timesteps
     distill: float = 0.0  # weight of distillation from the ANN: loss = (1 − distill)·CE + distill·KD
     distill_temperature: float = 2.0
+    keep: str = "best"  # best: the epoch (0 = before fine-tuning) with the best validation top-1 at T | last
 
 @dataclass
 class RunConfig:
@@ -323,7 +324,7 @@ RULES: dict[str, callable] = {
     "finetune.surrogate_width": _number(0, low_open=True), "finetune.learn_threshold": _anything,
     "finetune.bn": _choice(("frozen", "train")), "finetune.loss": _choice(("mean", "tet")),
     "finetune.timesteps_choices": _each(_POSITIVE), "finetune.progressive": _each(_POSITIVE),
-    "finetune.distill": _number(0, 1), "finetune.distill_temperature": _number(0, low_open=True),
+    "finetune.distill": _number(0, 1), "finetune.keep": _choice(("best", "last")), "finetune.distill_temperature": _number(0, low_open=True),
     "finetune.tet_weight": _number(0, 1, high_open=True), "finetune.tet_target": _number(-1e6, 1e6),
 }
 

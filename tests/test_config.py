@@ -99,7 +99,7 @@ INVALID = {
     "snn.early_exit_tolerance": "-0.1",
     "finetune.timesteps": "0", "finetune.surrogate": "tanh", "finetune.surrogate_width": "0",
     "finetune.learn_threshold": None, "finetune.bn": "batch", "finetune.loss": "hinge", "finetune.timesteps_choices": "[0]",
-    "finetune.progressive": "[-4]", "finetune.distill": "1.5", "finetune.distill_temperature": "0",
+    "finetune.progressive": "[-4]", "finetune.distill": "1.5", "finetune.keep": "first", "finetune.distill_temperature": "0",
     "finetune.tet_weight": "1.0", "finetune.tet_target": "1e9",
 }
 OPTIM_INVALID = {

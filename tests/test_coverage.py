@@ -125,6 +125,7 @@ def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(CONVERTIBLE))
 @torch.no_grad()
 def test_snn_matches_ann_at_L_equal_T(family, monkeypatch):

@@ -12,6 +12,8 @@ import pytest
 import torch
 from accelerate import debug_launcher
 
+pytestmark = pytest.mark.slow  # 2-process DDP over gloo
+
 RESULT = Path(os.environ.get("QCFS_TEST_TMP", "/tmp")) / f"qcfs_ddp_{os.getpid()}.json"
 
 

@@ -21,6 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # kill-and-resume runs of the whole command line
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 # A tiny, deterministic budget: 2 ANN epochs of 6 steps, 1 fine-tuning epoch of 6 steps, a

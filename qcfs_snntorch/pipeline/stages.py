@@ -35,6 +35,7 @@ from ..training import (
     evaluate_snn_exits,
     fit,
     load_weights,
+    read_metadata,
     save_weights,
 )
 from . import plots
@@ -309,8 +310,40 @@ class Calibrate(Stage):
         return True
 
 
+class _BestOnValidation:
+    """The fine-tuned SNN with the best validation accuracy so far, the SNN before fine-tuning included
+    (epoch 0), kept in ``snn_best.safetensors`` so that a resumed run still knows it."""
+
+    def __init__(self, ctx: RunContext, score: float):
+        self.ctx, self.path = ctx, ctx.run_dir.file("snn_best.safetensors")
+        self.score, self.epoch = score, 0
+        saved = read_metadata(self.path) if ctx.cfg.resume and self.path.is_file() else {}
+        if saved.get("val_top1", -1.0) > score:
+            self.score, self.epoch = saved["val_top1"], saved["epoch"]
+        else:
+            self._save()
+
+    def _save(self) -> None:
+        if self.ctx.accelerator.is_main_process:
+            save_weights(self.ctx.snn, self.path, {**weights_metadata(self.ctx, "snn"), "val_top1": self.score,
+                                                   "epoch": self.epoch})
+
+    def offer(self, score: float, epoch: int) -> None:
+        if score > self.score:
+            self.score, self.epoch = score, epoch
+            self._save()
+
+    def keep(self) -> None:
+        self.ctx.accelerator.wait_for_everyone()
+        load_weights(self.ctx.snn, self.path)
+
+
 class Finetune(Stage):
-    """Hybrid fine-tuning of the SNN through T steps (progressively over several T if asked)."""
+    """Hybrid fine-tuning of the SNN through T steps (progressively over several T if asked).
+
+    With ``finetune.keep=best`` (the default) and a validation split, the SNN kept is the one of
+    the epoch with the best validation accuracy at T, the SNN before fine-tuning included: on a
+    model already at its ANN, more training can only lose."""
 
     name, outputs, after = "finetune", ("finetune",), ("convert", "calibrate")
 
@@ -330,15 +363,28 @@ class Finetune(Stage):
         ctx.log(f"[SNN] test top-1 at T={steps} before fine-tuning: {before['top1']:.4f}" + _val_text(before))
         set_seed(cfg.seed)  # the same RNG stream whether or not the ANN was trained in this process (resume)
         phases = [*cfg.finetune.progressive, steps]  # progressive: e.g. T = 4, then 2
+        best = _BestOnValidation(ctx, before["val_top1"]) if cfg.finetune.keep == "best" and ctx.val is not None else None
         history = []
         for phase in phases:
             name = "snn" if len(phases) == 1 else f"snn_T{phase}"
+            epochs = iter(range(1, cfg.finetune.epochs + 1))
+
+            def evaluate(model, t=phase, epochs=epochs):
+                score = evaluate_snn(model, ctx.selection, [t], accelerator)[0]
+                if best is not None and t == steps:
+                    best.offer(score, next(epochs))
+                return score
+
             history += [{**entry, "timesteps": phase} for entry in fit(
                 ctx.snn, ctx.train_loader(), cfg=cfg.finetune, accelerator=accelerator,
                 checkpoints=ctx.checkpoints(name, {**self.fingerprint(cfg), "phase": phase}), task=self._task(ctx, phase),
-                evaluate=lambda m, t=phase: evaluate_snn(m, ctx.selection, [t], accelerator)[0],
-                resume=cfg.resume, log=ctx.log, label=f"SNN T={phase}", name="finetune",
+                evaluate=evaluate, resume=cfg.resume, log=ctx.log, label=f"SNN T={phase}", name="finetune",
             )]
+        kept = "last epoch"
+        if best is not None:
+            best.keep()
+            kept = f"epoch {best.epoch} (best validation top-1 at T={steps}, {best.score:.4f}; 0 = before fine-tuning)"
+            ctx.log(f"[SNN] keeping the SNN of {kept}")
         timesteps = sorted(set(cfg.snn.timesteps) | {steps})
         after, exits = spiking_accuracy(ctx, ctx.snn, timesteps)
         at = timesteps.index(steps)
@@ -350,6 +396,7 @@ class Finetune(Stage):
             "top1_before": before["top1"], "top1_after": after["top1"][at],
             "val_top1_before": before["val_top1"], "val_top1_after": after["val_top1"][at] if after["val_top1"] else None,
             "snn_after": {**after, **({"early_exit": exits} if exits else {})},
+            "kept": kept, "kept_epoch": best.epoch if best is not None else len(history),
             "history": history,
         }}
 
