@@ -58,7 +58,6 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
-from torch.nn.modules.utils import _pair
 
 from ..convert import fold_batchnorm
 from ..neurons import GradedIFNeuron, IFNeuron, MultiStepNeuron
@@ -135,8 +134,8 @@ class _Pool:
             kernel = (height // out_hw[0], width // out_hw[1])
             stride, padding, divisor, include_pad = kernel, (0, 0), None, True
         else:
-            kernel, padding = _pair(m.kernel_size), _pair(m.padding)
-            stride = _pair(m.stride if m.stride is not None else m.kernel_size)
+            kernel, padding = as_pair(m.kernel_size), as_pair(m.padding)
+            stride = as_pair(m.stride if m.stride is not None else m.kernel_size)
             divisor, include_pad = m.divisor_override, m.count_include_pad
         dims = list(zip((height, width), out_hw, kernel, stride, padding))
         if divisor is not None:
@@ -149,6 +148,12 @@ class _Pool:
     @property
     def uniform(self) -> bool:
         return bool(np.all(self.counts == self.counts.flat[0]))
+
+
+
+def as_pair(value) -> tuple:
+    """A pooling argument (an int or a pair) as a pair."""
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
