@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import shutil
+import signal
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ __all__ = [
     "class_balanced_indices",
     "decode_images",
     "extract_archive",
+    "ignore_interrupts",
     "labels_of",
     "random_indices",
     "sample_batch",
@@ -506,6 +508,18 @@ def build_datasets(cfg, seed: int = 0) -> DataSplits:
     )
 
 
+def ignore_interrupts(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader with worker processes: they ignore Ctrl-C and SIGTERM.
+
+    Both reach the whole process group (a terminal, a cluster's preemption). The main process
+    ends the run (its report says ``interrupted``) and then stops its workers itself; a worker
+    that the signal ended first made torch print a traceback of its own on the way out.
+    A worker whose main process is gone ends by itself (torch watches the parent).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_loader(splits: DataSplits, cfg, device: torch.device) -> DataLoader:
     """The training loader of a :class:`~qcfs_snntorch.config.DataConfig`, for ``accelerator.prepare``.
 
@@ -519,4 +533,5 @@ def train_loader(splits: DataSplits, cfg, device: torch.device) -> DataLoader:
         return DataLoader(splits.train, collate_fn=splits.augment.collate(device), num_workers=0, **common)
     workers = cfg.num_workers
     return DataLoader(splits.train, num_workers=workers, persistent_workers=workers > 0,
+                      worker_init_fn=ignore_interrupts if workers else None,
                       pin_memory=torch.device(device).type == "cuda", **common)

@@ -140,3 +140,73 @@ def test_start_from_a_trained_relu_network(tmp_path):
     report = json.loads((qcfs / "report.json").read_text())
     assert report["ann"]["top1"] > relu_top1 - 0.05
     assert all(t != 8.0 for t in report["ann"]["thresholds"])
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_ends_the_run_cleanly(tmp_path):
+    """A cluster's preemption (or Ctrl-C) signals every process of the group, data-loader workers included:
+    the run ends with exit code 130, its report says "interrupted" and where, and nothing prints a traceback."""
+    import signal
+    import time
+
+    from PIL import Image
+
+    for split, count in (("train", 48), ("val", 8)):
+        for c in range(2):
+            folder = tmp_path / "tree" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (16, 16), (c * 200, 60, 60)).save(folder / f"{i:03d}.png")
+    run, output = tmp_path / "run", tmp_path / "output.txt"
+    args = ["data.name=imagefolder", f"data.root={tmp_path / 'tree'}", "data.num_workers=1", "data.batch_size=4",
+            "model.name=test_resnet", "stages=[train]", "train.epochs=500", f"run_dir={run}"]
+    with output.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "launch.py", *args], cwd=ROOT, env=ENV, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while "[ANN] epoch 2/" not in output.read_text():  # well inside training, workers running
+                assert proc.poll() is None, output.read_text()[-3000:]
+                assert time.monotonic() < deadline, "training did not reach its second epoch in time"
+                time.sleep(0.2)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = output.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert "interrupted: checkpoints already written are complete" in text
+    assert "Traceback" not in text, text[-3000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["status"] == "interrupted" and report["running_stage"] == "train", report["status"]
+
+
+def test_data_loader_workers_outlive_a_group_signal():
+    """The mechanism behind the test above, without its timing: a training loader's worker that receives SIGTERM
+    (as every process of the group does) keeps serving batches; the main process decides when it stops."""
+    import signal
+    import time
+
+    import psutil
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from qcfs_snntorch.config import DataConfig
+    from qcfs_snntorch.data import DataSplits, train_loader
+
+    earlier = set(psutil.Process().children())
+    images = TensorDataset(torch.randn(32, 3, 8, 8), torch.arange(32) % 2)
+    splits = DataSplits(train=images, calibration=images, val=None, test=images, info=None, augment=None)
+    loader = train_loader(splits, DataConfig(name="imagefolder", batch_size=4, num_workers=1), torch.device("cpu"))
+    batches = iter(loader)
+    next(batches)
+    workers = set(psutil.Process().children()) - earlier
+    assert workers, "the loader started no worker process"
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(1.0)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    for _ in range(5):
+        next(batches)
+    del batches

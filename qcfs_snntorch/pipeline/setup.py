@@ -20,7 +20,7 @@ from ..calibration import calibrate_from_data, silent_layers
 from ..check import ConversionError, check
 from ..config import ConfigError, RunConfig, from_yaml_file, to_yaml
 from ..convert import convert
-from ..data import DataSplits, build_datasets, sample_batch
+from ..data import DataSplits, build_datasets, ignore_interrupts, sample_batch
 from ..export import export_nir
 from ..models import create_model
 from ..tracing import qcfs_layers
@@ -145,9 +145,10 @@ def setup(cfg: RunConfig) -> RunContext:
         accelerator.init_trackers("tracking", config={"recipe": cfg.recipe, "model": cfg.model.name, "levels": cfg.model.levels})
 
     def loader(dataset):  # in memory (data.in_memory), a batch is one gather: worker processes would only copy it
+        workers = 0 if cfg.data.in_memory else cfg.data.num_workers
         return accelerator.prepare(torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.data.eval_batch_size, num_workers=0 if cfg.data.in_memory else cfg.data.num_workers,
-            pin_memory=accelerator.device.type == "cuda"))
+            dataset, batch_size=cfg.data.eval_batch_size, num_workers=workers,
+            worker_init_fn=ignore_interrupts if workers else None, pin_memory=accelerator.device.type == "cuda"))
 
     ctx = RunContext(cfg=cfg, accelerator=accelerator, data=data, val=loader(data.val) if data.val is not None else None,
                      test=loader(data.test), ann=ann.to(accelerator.device), run_dir=run_dir, log=log, verdict=verdict)
