@@ -134,7 +134,7 @@ def test_start_from_a_trained_relu_network(tmp_path):
     assert strict.returncode == 2 and "missing" in strict.stderr  # λ absent: only allowed with threshold_init=data
 
     qcfs = tmp_path / "qcfs"
-    result = launch(f"model.checkpoint={relu / 'ann.safetensors'}", "model.threshold_init=data", "train.epochs=1",
+    result = launch(f"model.checkpoint={relu / 'ann.safetensors'}", "model.threshold_init=data", "train.epochs=2",
                     "train.lr=0.01", "stages=[train,convert,eval]", "snn.timesteps=[8]", f"run_dir={qcfs}")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((qcfs / "report.json").read_text())
