@@ -150,7 +150,6 @@ class _Pool:
         return bool(np.all(self.counts == self.counts.flat[0]))
 
 
-
 def as_pair(value) -> tuple:
     """A pooling argument (an int or a pair) as a pair."""
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
