@@ -39,3 +39,20 @@ class SmallResNet(nn.Module):
         y = self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
         x = self.act2(y + self.shortcut(x))
         return self.fc(self.flatten(self.pool(x)))
+
+
+def fused_and_stepwise_gradients(make_neuron, x: torch.Tensor, chunks: list[int]) -> dict[bool, tuple]:
+    """Run a neuron over ``x`` ``[T, B, ...]`` in time chunks (the membrane and its gradient cross calls), once
+    with the fused kernel and once step by step; per mode: (output, ∂loss/∂x, ∂loss/∂θ)."""
+    grads = {}
+    for fused in (False, True):
+        n = make_neuron()
+        n.fused = fused
+        outs = []
+        for chunk in x.split(chunks):
+            n.timesteps = chunk.shape[0]
+            outs.append(n(chunk.flatten(0, 1)))
+        out = torch.cat(outs)
+        loss = (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum() + n.mem.square().sum()
+        grads[fused] = (out.detach(), *torch.autograd.grad(loss, [x, n.threshold]))
+    return grads

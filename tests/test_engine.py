@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import randomise
+from _helpers import fused_and_stepwise_gradients, randomise
 from torch import nn
 
 from qcfs_snntorch import QCFS, IFNeuron, SpikingModel, convert, create_model
@@ -203,17 +203,9 @@ def test_fused_neuron_gradients_per_channel_theta_across_chunks(surrogate, detac
     torch.manual_seed(3)
     theta = torch.tensor([0.5, 1.0, 2.0]).reshape(3, 1, 1)
     x = (torch.randn(7, 2, 3, 4, 4) * 0.8).requires_grad_()
-    grads = {}
-    for fused in (False, True):
-        n = IFNeuron(theta, learn_threshold=True, surrogate=surrogate, surrogate_width=0.7, detach_reset=detach_reset)
-        n.fused = fused
-        outs = []
-        for chunk in x.split([3, 4]):  # the membrane (and its gradient) crosses calls
-            n.timesteps = chunk.shape[0]
-            outs.append(n(chunk.flatten(0, 1)))
-        out = torch.cat(outs)
-        loss = (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum() + n.mem.square().sum()
-        grads[fused] = (out.detach(), *torch.autograd.grad(loss, [x, n.threshold]))
+    grads = fused_and_stepwise_gradients(
+        lambda: IFNeuron(theta, learn_threshold=True, surrogate=surrogate, surrogate_width=0.7, detach_reset=detach_reset),
+        x, [3, 4])
     for ref, fast in zip(grads[False], grads[True]):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
 

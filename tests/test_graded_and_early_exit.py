@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import randomise
+from _helpers import fused_and_stepwise_gradients, randomise
 from torch import nn
 
 import qcfs_snntorch as qs
@@ -88,18 +88,10 @@ def test_graded_fused_gradients_equal_autograd_reference(surrogate, detach_reset
     torch.manual_seed(3)
     theta = torch.tensor([0.5, 1.0, 2.0]).reshape(3, 1, 1)
     x = (torch.randn(5, 2, 3, 4, 4) * 1.5).requires_grad_()
-    grads = {}
-    for fused in (False, True):
-        n = GradedIFNeuron(theta, max_spikes=3, learn_threshold=True, surrogate=surrogate, surrogate_width=0.7,
-                           detach_reset=detach_reset)
-        n.fused = fused
-        outs = []
-        for chunk in x.split([2, 3]):  # the membrane (and its gradient) crosses calls
-            n.timesteps = chunk.shape[0]
-            outs.append(n(chunk.flatten(0, 1)))
-        out = torch.cat(outs)
-        loss = (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum() + n.mem.square().sum()
-        grads[fused] = (out.detach(), *torch.autograd.grad(loss, [x, n.threshold]))
+    grads = fused_and_stepwise_gradients(
+        lambda: GradedIFNeuron(theta, max_spikes=3, learn_threshold=True, surrogate=surrogate, surrogate_width=0.7,
+                               detach_reset=detach_reset),
+        x, [2, 3])
     for ref, fast in zip(grads[False], grads[True]):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
     assert grads[True][1].abs().sum() > 0  # the staircase's surrogate passes gradient
