@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import RunConfig
 from . import plots
 from .context import RunContext
+from .dependencies import NEEDS, fingerprints, plan
 from .fingerprints import digest
 from .setup import setup
 from .stages import STAGE_CLASSES, Stage
@@ -16,23 +17,29 @@ STAGES: tuple[Stage, ...] = tuple(cls() for cls in STAGE_CLASSES)
 
 
 def walk(ctx: RunContext, stages: tuple[Stage, ...] = STAGES) -> None:
-    """Run or (``resume=true``, same fingerprint, nothing upstream rerun) restore each wanted stage."""
+    """Run or (``resume=true``, same fingerprint, nothing upstream rerun) restore each wanted stage.
+
+    A stage that runs on a resumed run directory first loses the files it writes (its ``writes``):
+    nothing of an earlier experiment can be read back as this one's result.
+    """
     cfg, run_dir = ctx.cfg, ctx.run_dir
-    digests: dict[str, str] = {}
-    reran: set[str] = set()
-    for stage in stages:
-        if not stage.wanted(cfg):
-            continue
-        fingerprint = {**stage.fingerprint(cfg), "after": {d: digests[d] for d in stage.after if d in digests}}
-        saved = run_dir.saved_stage(stage.name) if cfg.resume else None
-        reusable = saved is not None and saved.get("fingerprint") == fingerprint and not reran & set(stage.after)
-        if reusable and stage.restore(ctx):
+    wanted = [stage for stage in stages if stage.wanted(cfg)]
+    now = fingerprints(cfg, [stage.name for stage in wanted])
+    ctx.digests = {name: digest(fingerprint) for name, fingerprint in now.items()}
+    saved = {stage.name: (run_dir.saved_stage(stage.name) or {}).get("fingerprint") if cfg.resume else None for stage in wanted}
+    reusable = plan(now, saved)
+    reran: set[str] = set()  # stages that ran although reusable (their files could not be restored)
+    for stage in wanted:
+        fingerprint = now[stage.name]
+        if reusable[stage.name] and not reran & set(NEEDS[stage.name].after) and stage.restore(ctx):
             run_dir.restore(stage.name, stage.outputs)
-        else:
-            with run_dir.stage(stage.name, fingerprint) as parts:
-                parts.update(stage.run(ctx))
-            reran.add(stage.name)
-        digests[stage.name] = digest(fingerprint)
+            continue
+        if cfg.resume:
+            run_dir.discard(stage.writes)
+            ctx.accelerator.wait_for_everyone()
+        with run_dir.stage(stage.name, fingerprint) as parts:
+            parts.update(stage.run(ctx))
+        reran.add(stage.name)
 
 
 def summarise(ctx: RunContext) -> dict:
