@@ -7,7 +7,7 @@ derived facts it names (:data:`DERIVED`), and the digests of the upstream stages
 (``after``), so a change reruns the stage that depends on it and every stage after it.
 
 Every key of the schema is either in some stage's entry or in :data:`IRRELEVANT` with the
-reason it cannot change a result; tests/test_dependencies.py walks the schema and fails on
+reason it cannot change a result (a key there is left out of a section a stage names); tests/test_dependencies.py walks the schema and fails on
 a key nobody classified, so a new setting cannot silently be left out of resume.
 
 An entry's ``keys`` change the stage's weights or choices; its ``report`` keys change only
@@ -94,7 +94,8 @@ IRRELEVANT: dict[str, str] = {
 
 def _fingerprint(stage: str, cfg, upstream: dict[str, str], keys: tuple[str, ...]) -> dict:
     needs = NEEDS[stage]
-    return {**pick(cfg, keys), **{name: DERIVED[name](cfg) for name in needs.derived},
+    settings = {key: value for key, value in pick(cfg, keys).items() if key not in IRRELEVANT}  # a section's irrelevant keys
+    return {**settings, **{name: DERIVED[name](cfg) for name in needs.derived},
             "after": {name: upstream[name] for name in needs.after if name in upstream}}
 
 
