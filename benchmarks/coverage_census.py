@@ -56,6 +56,7 @@ import qcfs_snntorch as qs
 ROOT = Path(__file__).resolve().parents[1]
 RELU = ("relu",)
 FALLBACK = ("relu", "silu", "gelu")
+CONVERTING = ("converts", "compensated")  # stage 1 outcomes that stage 2 builds, converts and runs
 KIND_LABELS = {
     "gate": "gating",
     "norm": "LayerNorm/GroupNorm",
@@ -149,6 +150,22 @@ def _check_once(name: str, activations: tuple[str, ...], rec: dict) -> tuple[tor
     return model, qs.check(model)
 
 
+def compensated_ops(report: qs.CheckReport) -> int | None:
+    """How many non-linear ops convert as compensated operations (issue 21), or None where
+    ``check`` does not report that yet: the census runs on either package."""
+    found = getattr(report, "compensated", None)
+    if found is None:
+        return None
+    return found if isinstance(found, int) else len(found)
+
+
+def outcome(report: qs.CheckReport) -> str:
+    """``converts`` (IF neurons and linear ops only), ``compensated`` (converts with compensated ops) or ``refused``."""
+    if not report.convertible:
+        return "refused"
+    return "compensated" if compensated_ops(report) else "converts"
+
+
 def _kinds(report: qs.CheckReport) -> list[str]:
     return sorted({p.kind for p in report.problems}) or ([] if report.activations else ["no_activation"])
 
@@ -168,7 +185,8 @@ def census_one(name: str, family: str, pkg: str) -> dict:
     else:
         del rec["step"]
         rec.update(
-            status="converts" if report.convertible else "refused",
+            status=outcome(report),
+            compensated_ops=compensated_ops(report),
             kinds=_kinds(report),
             params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             qcfs=report.activations,
@@ -202,7 +220,7 @@ def sample(records: dict[str, dict], max_params: float, extra: int, seed: int) -
     """Smallest converting member per family (within the cap) plus ``extra`` random others; and the over-cap families."""
     by_family: dict[str, list[dict]] = defaultdict(list)
     for rec in records.values():
-        if rec["status"] == "converts":
+        if rec["status"] in CONVERTING:
             by_family[rec["family"]].append(rec)
     chosen, over_cap = [], {}
     for family, recs in sorted(by_family.items()):
@@ -428,7 +446,7 @@ def main(argv: list[str]) -> None:
             missing = [n for n in args.names if n not in stage1]
             run_stage1(missing, fams, path1, meta["package_hash"])
             stage1 = read_jsonl(path1)
-            picked, over_cap = [n for n in args.names if stage1[n]["status"] == "converts"], {}
+            picked, over_cap = [n for n in args.names if stage1[n]["status"] in CONVERTING], {}
             if len(picked) < len(args.names):
                 print(f"stage 2: not converting by stage 1, not run: {sorted(set(args.names) - set(picked))}", flush=True)
         else:
