@@ -416,12 +416,25 @@ def markdown(summary: dict) -> str:
 # ---------------------------------------------------------------- main
 
 
+def shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["1", "2", "all"], default="all")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "coverage_census")
     ap.add_argument("--names", nargs="+", help="only these timm names (stage 2: run exactly these)")
     ap.add_argument("--limit", type=int, help="stage 1: only the first N names of timm.list_models()")
+    ap.add_argument("--shard", type=shard, default=(0, 1), metavar="K/N",
+                    help="stage 1: only every N-th name from the K-th (0-based); run N processes with one out-dir "
+                         "(each appends whole lines) to use N cores")
     ap.add_argument("--extra", type=int, default=15, help="stage 2: random converting models beyond one per family")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-params", type=float, default=150.0, help="stage 2: skip models over this many million parameters")
@@ -438,6 +451,8 @@ def main(argv: list[str]) -> None:
     path1, path2 = args.out_dir / "stage1.jsonl", args.out_dir / "stage2.jsonl"
     summary: dict = {"meta": meta, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     names = args.names or timm.list_models()[: args.limit]
+    if args.stage == "1":
+        names = names[args.shard[0]:: args.shard[1]]
     if args.stage in ("1", "all"):
         summary["stage1"] = {"wall_s_this_run": round(run_stage1(names, fams, path1, meta["package_hash"]), 1)}
     stage1 = read_jsonl(path1)
