@@ -435,6 +435,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--shard", type=shard, default=(0, 1), metavar="K/N",
                     help="stage 1: only every N-th name from the K-th (0-based); run N processes with one out-dir "
                          "(each appends whole lines) to use N cores")
+    ap.add_argument("--shuffle", type=int, metavar="SEED", help="stage 1: check the names in a random order")
     ap.add_argument("--extra", type=int, default=15, help="stage 2: random converting models beyond one per family")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-params", type=float, default=150.0, help="stage 2: skip models over this many million parameters")
@@ -452,6 +453,8 @@ def main(argv: list[str]) -> None:
     summary: dict = {"meta": meta, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     names = args.names or timm.list_models()[: args.limit]
     if args.stage == "1":
+        if args.shuffle is not None:  # an interrupted run has then checked a random sample, not the first letters
+            names = random.Random(args.shuffle).sample(names, len(names))
         names = names[args.shard[0]:: args.shard[1]]
     if args.stage in ("1", "all"):
         summary["stage1"] = {"wall_s_this_run": round(run_stage1(names, fams, path1, meta["package_hash"]), 1)}
