@@ -56,6 +56,7 @@ import qcfs_snntorch as qs
 ROOT = Path(__file__).resolve().parents[1]
 RELU = ("relu",)
 FALLBACK = ("relu", "silu", "gelu")
+CONVERTING = ("converts", "compensated")  # stage 1 outcomes that stage 2 builds, converts and runs
 KIND_LABELS = {
     "gate": "gating",
     "norm": "LayerNorm/GroupNorm",
@@ -149,6 +150,22 @@ def _check_once(name: str, activations: tuple[str, ...], rec: dict) -> tuple[tor
     return model, qs.check(model)
 
 
+def compensated_ops(report: qs.CheckReport) -> int | None:
+    """How many non-linear ops convert as compensated operations (issue 21), or None where
+    ``check`` does not report that yet: the census runs on either package."""
+    found = getattr(report, "compensated", None)
+    if found is None:
+        return None
+    return found if isinstance(found, int) else len(found)
+
+
+def outcome(report: qs.CheckReport) -> str:
+    """``converts`` (IF neurons and linear ops only), ``compensated`` (converts with compensated ops) or ``refused``."""
+    if not report.convertible:
+        return "refused"
+    return "compensated" if compensated_ops(report) else "converts"
+
+
 def _kinds(report: qs.CheckReport) -> list[str]:
     return sorted({p.kind for p in report.problems}) or ([] if report.activations else ["no_activation"])
 
@@ -168,7 +185,8 @@ def census_one(name: str, family: str, pkg: str) -> dict:
     else:
         del rec["step"]
         rec.update(
-            status="converts" if report.convertible else "refused",
+            status=outcome(report),
+            compensated_ops=compensated_ops(report),
             kinds=_kinds(report),
             params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             qcfs=report.activations,
@@ -202,7 +220,7 @@ def sample(records: dict[str, dict], max_params: float, extra: int, seed: int) -
     """Smallest converting member per family (within the cap) plus ``extra`` random others; and the over-cap families."""
     by_family: dict[str, list[dict]] = defaultdict(list)
     for rec in records.values():
-        if rec["status"] == "converts":
+        if rec["status"] in CONVERTING:
             by_family[rec["family"]].append(rec)
     chosen, over_cap = [], {}
     for family, recs in sorted(by_family.items()):
@@ -398,12 +416,26 @@ def markdown(summary: dict) -> str:
 # ---------------------------------------------------------------- main
 
 
+def shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", choices=["1", "2", "all"], default="all")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "coverage_census")
     ap.add_argument("--names", nargs="+", help="only these timm names (stage 2: run exactly these)")
     ap.add_argument("--limit", type=int, help="stage 1: only the first N names of timm.list_models()")
+    ap.add_argument("--shard", type=shard, default=(0, 1), metavar="K/N",
+                    help="stage 1: only every N-th name from the K-th (0-based); run N processes with one out-dir "
+                         "(each appends whole lines) to use N cores")
+    ap.add_argument("--shuffle", type=int, metavar="SEED", help="stage 1: check the names in a random order")
     ap.add_argument("--extra", type=int, default=15, help="stage 2: random converting models beyond one per family")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-params", type=float, default=150.0, help="stage 2: skip models over this many million parameters")
@@ -420,6 +452,10 @@ def main(argv: list[str]) -> None:
     path1, path2 = args.out_dir / "stage1.jsonl", args.out_dir / "stage2.jsonl"
     summary: dict = {"meta": meta, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     names = args.names or timm.list_models()[: args.limit]
+    if args.stage == "1":
+        if args.shuffle is not None:  # an interrupted run has then checked a random sample, not the first letters
+            names = random.Random(args.shuffle).sample(names, len(names))
+        names = names[args.shard[0]:: args.shard[1]]
     if args.stage in ("1", "all"):
         summary["stage1"] = {"wall_s_this_run": round(run_stage1(names, fams, path1, meta["package_hash"]), 1)}
     stage1 = read_jsonl(path1)
@@ -428,7 +464,7 @@ def main(argv: list[str]) -> None:
             missing = [n for n in args.names if n not in stage1]
             run_stage1(missing, fams, path1, meta["package_hash"])
             stage1 = read_jsonl(path1)
-            picked, over_cap = [n for n in args.names if stage1[n]["status"] == "converts"], {}
+            picked, over_cap = [n for n in args.names if stage1[n]["status"] in CONVERTING], {}
             if len(picked) < len(args.names):
                 print(f"stage 2: not converting by stage 1, not run: {sorted(set(args.names) - set(picked))}", flush=True)
         else:

@@ -72,7 +72,8 @@ def _affine(node):
 
 
 def _flatten(node):
-    # NIR's dims exclude the batch; nirtorch's default map passes them to torch as they are.
+    # NIR's dims exclude the batch; nirtorch's default map passes them to torch as they are, which is right
+    # only for dims counted from the end (what this project writes since issue 22; older files count from 0).
     shift = lambda d: int(d) + 1 if int(d) >= 0 else int(d)  # noqa: E731
     return torch.nn.Flatten(shift(node.start_dim), shift(node.end_dim))
 
