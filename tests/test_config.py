@@ -6,6 +6,8 @@ the config (a timm model, files) are refused where they are used, before any wor
 (tests/test_cli.py runs those through the command line).
 """
 
+from pathlib import Path
+
 import pytest
 
 from qcfs_snntorch.config import (
@@ -154,3 +156,14 @@ def test_every_recipe_builds_a_convertible_model(recipe):
                             cifar_stem=cfg.model.cifar_stem, **({"in_chans": 1} if cfg.data.name == "digits" else {}))
     report = qs.check(model)
     assert report.convertible, report.summary()
+
+
+def test_the_package_has_one_version():
+    """pyproject.toml and ``qcfs_snntorch.__version__`` must agree (the build reads the attribute)."""
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    import qcfs_snntorch
+
+    root = Path(__file__).resolve().parent.parent
+    built = read_configuration(root / "pyproject.toml", expand=True)["project"]["version"]
+    assert built == qcfs_snntorch.__version__
