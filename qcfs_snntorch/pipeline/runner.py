@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from ..config import RunConfig
 from . import plots
 from .context import RunContext
@@ -10,29 +13,61 @@ from .setup import setup
 from .stages import STAGE_CLASSES, Stage
 from .tables import accuracy_table
 
-__all__ = ["STAGES", "run", "walk"]
+__all__ = ["STAGES", "Step", "plan", "run", "walk"]
 
 STAGES: tuple[Stage, ...] = tuple(cls() for cls in STAGE_CLASSES)
 
 
-def walk(ctx: RunContext, stages: tuple[Stage, ...] = STAGES) -> None:
-    """Run or (``resume=true``, same fingerprint, nothing upstream rerun) restore each wanted stage."""
-    cfg, run_dir = ctx.cfg, ctx.run_dir
+@dataclass(frozen=True)
+class Step:
+    """One wanted stage of a run: the fingerprint its result is recorded under, and whether it is reused."""
+
+    stage: Stage
+    fingerprint: dict
+    reuse: bool
+
+
+def plan(cfg: RunConfig, previous: dict, act: Callable[[Step], bool] | None = None,
+         stages: tuple[Stage, ...] = STAGES) -> list[Step]:
+    """The wanted stages in order, each marked reused when ``resume=true``, the resumed run's report
+    (``previous``) recorded it under the same fingerprint, and no stage it reads from reran.
+
+    ``act(step)`` does the step and says whether it was in fact reused (its files may be gone):
+    :func:`walk` runs the stages through it; ``--dry-run`` calls this without ``act``, so both
+    decide by this one rule.
+    """
     digests: dict[str, str] = {}
     reran: set[str] = set()
+    steps = []
     for stage in stages:
         if not stage.wanted(cfg):
             continue
         fingerprint = {**stage.fingerprint(cfg), "after": {d: digests[d] for d in stage.after if d in digests}}
-        saved = run_dir.saved_stage(stage.name) if cfg.resume else None
-        reusable = saved is not None and saved.get("fingerprint") == fingerprint and not reran & set(stage.after)
-        if reusable and stage.restore(ctx):
-            run_dir.restore(stage.name, stage.outputs)
-        else:
-            with run_dir.stage(stage.name, fingerprint) as parts:
-                parts.update(stage.run(ctx))
+        saved = previous.get("stages", {}).get(stage.name) if cfg.resume else None
+        step = Step(stage, fingerprint, saved is not None and saved.get("fingerprint") == fingerprint
+                    and not reran & set(stage.after))
+        if act is not None:
+            step = Step(stage, fingerprint, act(step))
+        if not step.reuse:
             reran.add(stage.name)
         digests[stage.name] = digest(fingerprint)
+        steps.append(step)
+    return steps
+
+
+def walk(ctx: RunContext, stages: tuple[Stage, ...] = STAGES) -> None:
+    """Run or (``resume=true``, same fingerprint, nothing upstream rerun) restore each wanted stage."""
+    run_dir = ctx.run_dir
+
+    def act(step: Step) -> bool:
+        if step.reuse and step.stage.restore(ctx):
+            run_dir.restore(step.stage.name, step.stage.outputs)
+            return True
+        with run_dir.stage(step.stage.name, step.fingerprint) as parts:
+            parts.update(step.stage.run(ctx))
+        return False
+
+    plan(ctx.cfg, run_dir.previous, act, stages)
 
 
 def summarise(ctx: RunContext) -> dict:
