@@ -7,6 +7,7 @@ against the dataclasses; :func:`validate` checks the values (choices, ranges).
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,11 @@ __all__ = [
     "STAGES",
     "SURROGATE_NAMES",
     "from_yaml_file",
+    "key_help",
     "list_recipes",
     "load_config",
     "schema_keys",
+    "setting",
     "to_yaml",
     "validate",
 ]
@@ -37,103 +40,113 @@ DATASETS = ("digits", "imagefolder", "cifar10", "cifar100", "imagenet")
 class ConfigError(ValueError):
     """A recipe or override that does not fit the schema; the message says what is valid."""
 
+
+def setting(default, help: str):
+    """A schema field and its one-line meaning, which ``launch.py --help`` prints (:func:`key_help`):
+    the help lives next to the default, so it cannot go stale. A list or dict default is copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    name: str = "test_resnet"  # any timm model name
-    levels: int = 4  # QCFS quantization levels L
-    threshold: float = 8.0  # initial λ of every QCFS (with threshold_init=fixed)
-    threshold_init: str = "fixed"  # fixed | data: λ = a percentile of each layer's inputs, where the weights bring no λ
-    threshold_percentile: float = 99.9
-    activations: list[str] = field(default_factory=lambda: ["relu"])  # groups replaced by QCFS
-    cifar_stem: bool = False  # 3×3 stride-1 stem, no stem pooling (ResNet family)
-    pretrained: bool = False  # start from timm's weights (from the Hugging Face hub, or its cache with HF_HUB_OFFLINE=1)
-    pretrained_file: str | None = None  # a local copy of timm's weights (.safetensors or .pth), for machines without the hub
-    checkpoint: str | None = None  # ANN weights (.safetensors) to start from / convert
-    kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    name: str = setting("test_resnet", "any timm model name")
+    levels: int = setting(4, "QCFS quantization levels L")
+    threshold: float = setting(8.0, "initial λ of every QCFS (with threshold_init=fixed)")
+    threshold_init: str = setting("fixed", "fixed | data: λ = a percentile of each layer's inputs, where the weights bring no λ")
+    threshold_percentile: float = setting(99.9, "with threshold_init=data: the percentile of each layer's inputs taken as its λ")
+    activations: list[str] = setting(["relu"], "groups replaced by QCFS")
+    cifar_stem: bool = setting(False, "3×3 stride-1 stem, no stem pooling (ResNet family)")
+    pretrained: bool = setting(False, "start from timm's weights (from the Hugging Face hub, or its cache with HF_HUB_OFFLINE=1)")
+    pretrained_file: str | None = setting(None, "a local copy of timm's weights (.safetensors or .pth), for machines without the hub")
+    checkpoint: str | None = setting(None, "ANN weights (.safetensors) to start from / convert")
+    kwargs: dict[str, Any] = setting({}, "extra timm.create_model kwargs")
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | imagefolder | cifar10 | cifar100 | imagenet
-    root: str | None = None  # folder, or a .tar.gz of an ImageFolder tree
-    image_size: int | None = None  # default: 8 digits, 32 CIFAR/imagefolder, 224 imagenet
-    batch_size: int = 64  # per process
-    eval_batch_size: int = 256  # per process
-    num_workers: int = 0
-    download: bool = False  # torchvision CIFAR only, needs the internet
-    autoaugment: bool = False  # CIFAR policy
-    cutout: int = 0  # side of the Cutout square in pixels, 0 = off
-    val_split: float = 0.1  # fraction of each class of the training split held out for every choice a run makes
-    split_seed: int = 0  # draws the validation split: the same held-out images whatever the run's seed
-    train_subset: int | None = None  # a fixed random subset, for quick runs
-    eval_subset: int | None = None
-    in_memory: bool = False  # small images (≤ 64 px): decode once into a uint8 tensor, augment whole batches on the device
+    name: str = setting("digits", "dataset: digits | imagefolder | cifar10 | cifar100 | imagenet")
+    root: str | None = setting(None, "dataset folder, or a .tar.gz of an ImageFolder tree")
+    image_size: int | None = setting(None, "default: 8 digits, 32 CIFAR/imagefolder, 224 imagenet")
+    batch_size: int = setting(64, "training batch per process")
+    eval_batch_size: int = setting(256, "evaluation batch per process")
+    num_workers: int = setting(0, "data-loader worker processes (0: load in the main process)")
+    download: bool = setting(False, "torchvision CIFAR only, needs the internet")
+    autoaugment: bool = setting(False, "AutoAugment (CIFAR policy) on training images")
+    cutout: int = setting(0, "side of the Cutout square in pixels, 0 = off")
+    val_split: float = setting(0.1, "fraction of each class of the training split held out for every choice a run makes")
+    split_seed: int = setting(0, "draws the validation split: the same held-out images whatever the run's seed")
+    train_subset: int | None = setting(None, "a fixed random subset, for quick runs")
+    eval_subset: int | None = setting(None, "a fixed random subset of the validation and test splits, for quick runs")
+    in_memory: bool = setting(False, "small images (≤ 64 px): decode once into a uint8 tensor, augment whole batches on the device")
 
 @dataclass
 class OptimConfig:
-    epochs: int = 10
-    optimizer: str = "sgd"  # any timm optimizer name (sgd, adamw, ...)
-    lr: float = 0.1  # for the global batch the recipe was written for; not rescaled
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    decay_bias_and_norm: bool = True  # the reference applies weight decay to λ and BN too
-    scheduler: str = "cosine"  # any timm scheduler name (cosine, step, ...) or "none"
-    warmup_epochs: int = 0
-    label_smoothing: float = 0.0
-    grad_accum_steps: int = 1
-    max_grad_norm: float | None = None
-    max_steps_per_epoch: int | None = None  # cap, for smoke tests
-    checkpoint_every_steps: int | None = None  # also checkpoint every N optimizer updates (mid-epoch resume)
+    epochs: int = setting(10, "passes over the training data")
+    optimizer: str = setting("sgd", "any timm optimizer name (sgd, adamw, ...)")
+    lr: float = setting(0.1, "for the global batch the recipe was written for; not rescaled")
+    momentum: float = setting(0.9, "SGD momentum (β1 for Adam-family optimizers)")
+    weight_decay: float = setting(5e-4, "L2 weight decay")
+    decay_bias_and_norm: bool = setting(True, "the reference applies weight decay to λ and BN too")
+    scheduler: str = setting("cosine", "any timm scheduler name (cosine, step, ...) or \"none\"")
+    warmup_epochs: int = setting(0, "epochs of linear learning-rate warm-up")
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy, in [0, 1)")
+    grad_accum_steps: int = setting(1, "batches accumulated per optimizer update")
+    max_grad_norm: float | None = setting(None, "clip the gradient norm to this (null: no clipping)")
+    max_steps_per_epoch: int | None = setting(None, "cap, for smoke tests")
+    checkpoint_every_steps: int | None = setting(None, "also checkpoint every N optimizer updates (mid-epoch resume)")
 
 @dataclass
 class TrainConfig(OptimConfig):
-    levels_choices: list[int] = field(default_factory=list)  # draw every QCFS's L per batch from these (holds at every L)
+    levels_choices: list[int] = setting([], "draw every QCFS's L per batch from these (holds at every L)")
 
 @dataclass
 class SNNConfig:
-    timesteps: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
-    chunk_size: int | None = 16  # steps per folded forward at evaluation (memory)
-    fold_bn: bool = False
-    calibrate: list[str] = field(default_factory=list)  # v(0) calibration: [channel] and/or [layer]
-    calibrate_timesteps: list[int] = field(default_factory=lambda: [1, 2, 4])  # one calibrated SNN per T
-    calibrate_samples: int = 256  # training images used to calibrate
-    stats_timesteps: int = 8  # T of the spike/energy statistics
-    stats_samples: int = 64  # test images (a seeded random sample) for statistics and per-layer conversion error
-    nir_portable: bool | None = None  # snn.nir: only node types every NIR consumer maps (null: when that is exact)
-    max_spikes: int = 1  # spikes a neuron may send per step: 1 = binary IF; B > 1 = graded (QCFS at L = B·T)
-    early_exit: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.8, 0.9, 0.95, 0.99])  # thresholds τ to report
-    early_exit_rule: str = "confidence"  # confidence: max softmax of the mean output | margin: top-1 − top-2
-    early_exit_reference: int = 4  # chosen τ: fewest mean steps within early_exit_tolerance of this fixed T (≤ max T) ...
-    early_exit_tolerance: float = 0.005  # ... on the validation split (a fraction: 0.005 = 0.5 points)
+    timesteps: list[int] = setting([1, 2, 4, 8, 16, 32, 64], "T at which the SNN is evaluated")
+    chunk_size: int | None = setting(16, "steps per folded forward at evaluation (memory)")
+    fold_bn: bool = setting(False, "fold BatchNorm into the preceding convolution when converting")
+    calibrate: list[str] = setting([], "v(0) calibration: [channel] and/or [layer]")
+    calibrate_timesteps: list[int] = setting([1, 2, 4], "T to calibrate v(0) for, one calibrated SNN each")
+    calibrate_samples: int = setting(256, "training images used to calibrate")
+    stats_timesteps: int = setting(8, "T of the spike/energy statistics")
+    stats_samples: int = setting(64, "test images (a seeded random sample) for statistics and per-layer conversion error")
+    nir_portable: bool | None = setting(None, "snn.nir: only node types every NIR consumer maps (null: when that is exact)")
+    max_spikes: int = setting(1, "spikes a neuron may send per step: 1 = binary IF; B > 1 = graded (QCFS at L = B·T)")
+    early_exit: list[float] = setting([0.5, 0.7, 0.8, 0.9, 0.95, 0.99], "early-exit thresholds τ to report (empty: none)")
+    early_exit_rule: str = setting("confidence", "confidence: max softmax of the mean output | margin: top-1 − top-2")
+    early_exit_reference: int = setting(4, "the τ chosen on validation takes the fewest mean steps within early_exit_tolerance of this fixed T")
+    early_exit_tolerance: float = setting(0.005, "accuracy the chosen τ may lose against early_exit_reference (a fraction: 0.005 = 0.5 points)")
 
 @dataclass
 class FinetuneConfig(OptimConfig):
-    timesteps: int = 2
-    epochs: int = 1
-    lr: float = 0.01
-    weight_decay: float = 0.0
-    surrogate: str = "triangle"  # triangle | rectangle | atan | sigmoid
-    surrogate_width: float = 1.0  # in units of θ
-    learn_threshold: bool = False
-    bn: str = "frozen"  # frozen: running stats fixed | train: stats over time-folded batches
-    loss: str = "mean"  # mean: CE of the mean output | tet: TET (Deng et al., ICLR 2022): per-step CEs + an MSE term
-    tet_weight: float = 0.001  # TET's λ: weight of the mean squared distance of every step's output to tet_target
-    tet_target: float = 1.0  # TET's φ
-    timesteps_choices: list[int] = field(default_factory=list)  # draw T per batch from these (one model, several T)
-    progressive: list[int] = field(default_factory=list)  # fine-tune at these T first, in order (e.g. [4]), then at timesteps
-    distill: float = 0.0  # weight of distillation from the ANN: loss = (1 − distill)·CE + distill·KD
-    distill_temperature: float = 2.0
-    keep: str = "best"  # best: the epoch (0 = before fine-tuning) with the best validation top-1 at T | last
+    timesteps: int = setting(2, "T the SNN is fine-tuned (and calibrated) at")
+    epochs: int = setting(1, "passes over the training data")
+    lr: float = setting(0.01, "for the global batch the recipe was written for; not rescaled")
+    weight_decay: float = setting(0.0, "L2 weight decay")
+    surrogate: str = setting("triangle", "surrogate gradient: triangle | rectangle | atan | sigmoid")
+    surrogate_width: float = setting(1.0, "width of the surrogate gradient, in units of θ")
+    learn_threshold: bool = setting(False, "train each neuron's θ during fine-tuning")
+    bn: str = setting("frozen", "frozen: running stats fixed | train: stats over time-folded batches")
+    loss: str = setting("mean", "mean: CE of the mean output | tet: TET (Deng et al., ICLR 2022): per-step CEs + an MSE term")
+    tet_weight: float = setting(0.001, "TET's λ: weight of the mean squared distance of every step's output to tet_target")
+    tet_target: float = setting(1.0, "TET's φ: the target of its MSE term")
+    timesteps_choices: list[int] = setting([], "draw T per batch from these (one model, several T)")
+    progressive: list[int] = setting([], "fine-tune at these T first, in order (e.g. [4]), then at timesteps")
+    distill: float = setting(0.0, "weight of distillation from the ANN: loss = (1 − distill)·CE + distill·KD")
+    distill_temperature: float = setting(2.0, "softmax temperature of the distillation term")
+    keep: str = setting("best", "best: the epoch (0 = before fine-tuning) with the best validation top-1 at T | last")
 
 @dataclass
 class RunConfig:
-    recipe: str = "quickstart"
-    stages: list[str] = field(default_factory=lambda: ["train", "convert", "eval", "finetune"])
-    seed: int = 0
-    output_dir: str = "runs"
-    run_dir: str | None = None  # default: <output_dir>/<recipe>-<timestamp>
-    resume: bool = False  # continue the run in run_dir from its last checkpoint
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 is a no-op on CPU)
-    log_with: list[str] = field(default_factory=list)  # Accelerate trackers, e.g. [tensorboard]
+    recipe: str = setting("quickstart", "a recipe name (recipes/<name>.yaml) or a .yaml file path")
+    stages: list[str] = setting(["train", "convert", "eval", "finetune"], "what to run, of: check, train, convert, eval, calibrate, finetune, export")
+    seed: int = setting(0, "initialisation, data order and samples")
+    output_dir: str = setting("runs", "folder that holds new run directories")
+    run_dir: str | None = setting(None, "the run's folder (default: <output_dir>/<recipe>-<timestamp>)")
+    resume: bool = setting(False, "continue the run in run_dir from its last checkpoint")
+    mixed_precision: str = setting("no", "no | bf16 | fp16 (fp16 needs a CUDA GPU)")
+    log_with: list[str] = setting([], "Accelerate trackers, e.g. [tensorboard]")
+    progress_interval: float = setting(30.0, "seconds between progress lines (done/total, time left) when the console is not a terminal, and in log.txt")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -219,7 +232,7 @@ SCHEDULER_NAMES = ("cosine", "tanh", "step", "multistep", "poly", "none")
 EARLY_EXIT_RULES = ("confidence", "margin")
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive")
 # Keys whose values are checked where they are used, before any work: a model name, its kwargs and
-# activation groups by create_model (ModelError), files and folders when they are opened.
+# activation groups by create_model (ModelError); paths (existence and kind) by pipeline/paths.py.
 CHECKED_WHEN_USED = frozenset({"recipe", "model.name", "model.activations", "model.kwargs", "model.checkpoint",
                                "model.pretrained_file", "data.root", "output_dir", "run_dir"})
 
@@ -300,7 +313,7 @@ _OPTIM = {
 RULES: dict[str, callable] = {
     "stages": _each(_choice(STAGES), nonempty=True, example=f" of {', '.join(STAGES)}"),
     "seed": _integer(0, 2**32 - 1), "resume": _anything, "mixed_precision": _choice(("no", "bf16", "fp16")),
-    "log_with": _each(_choice(TRACKERS)),
+    "log_with": _each(_choice(TRACKERS)), "progress_interval": _number(0, low_open=True),
     "model.levels": _POSITIVE, "model.threshold": _number(0, low_open=True),
     "model.threshold_init": _choice(("fixed", "data")),
     "model.threshold_percentile": _number(0, 100, low_open=True), "model.cifar_stem": _anything,
@@ -412,6 +425,19 @@ def validate(cfg: RunConfig) -> None:
 def schema_keys() -> list[str]:
     """Every leaf key of the schema (``model.kwargs`` counts as one)."""
     return _valid_keys(OmegaConf.structured(RunConfig))
+
+def key_help(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """``(dotted key, type, default, one-line meaning)`` for every leaf key of the schema, in schema order."""
+    import dataclasses
+
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            rows += key_help(type(default), f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", str(f.type), default, f.metadata.get("help", "")))
+    return rows
 
 def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -6,6 +6,8 @@ the config (a timm model, files) are refused where they are used, before any wor
 (tests/test_cli.py runs those through the command line).
 """
 
+from pathlib import Path
+
 import pytest
 
 from qcfs_snntorch.config import (
@@ -85,7 +87,7 @@ def test_bad_input_is_named_with_valid_choices(overrides, pattern):
 
 # One invalid value for every key a rule checks (the rule's own key may be inside a list: key[]).
 INVALID = {
-    "stages": "[]", "seed": "-1", "resume": None, "mixed_precision": "fp8", "log_with": "[nope]",
+    "stages": "[]", "seed": "-1", "resume": None, "mixed_precision": "fp8", "log_with": "[nope]", "progress_interval": "0",
     "model.levels": "0", "model.threshold": "0", "model.threshold_init": "random", "model.threshold_percentile": "0",
     "model.cifar_stem": None, "model.pretrained": None,
     "data.name": "mnist", "data.image_size": "4", "data.batch_size": "0", "data.eval_batch_size": "0",
@@ -154,3 +156,22 @@ def test_every_recipe_builds_a_convertible_model(recipe):
                             cifar_stem=cfg.model.cifar_stem, **({"in_chans": 1} if cfg.data.name == "digits" else {}))
     report = qs.check(model)
     assert report.convertible, report.summary()
+
+
+def test_the_package_has_one_version():
+    """pyproject.toml and ``qcfs_snntorch.__version__`` must agree (the build reads the attribute)."""
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    import qcfs_snntorch
+
+    root = Path(__file__).resolve().parent.parent
+    built = read_configuration(root / "pyproject.toml", expand=True)["project"]["version"]
+    assert built == qcfs_snntorch.__version__
+
+
+def test_every_path_valued_key_is_checked_for_existence_and_kind():
+    """The keys checked where they are used that hold paths are all in pipeline/paths.py's table."""
+    from qcfs_snntorch.pipeline.paths import PATH_RULES
+
+    not_paths = {"recipe", "model.name", "model.activations", "model.kwargs"}  # recipe files: load_config checks them
+    assert set(PATH_RULES) == CHECKED_WHEN_USED - not_paths

@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from qcfs_snntorch.config import STAGES, RunConfig, load_config
-from qcfs_snntorch.pipeline.dependencies import DERIVED, IRRELEVANT, NEEDS, Needs, fingerprints, plan
+from qcfs_snntorch.pipeline.dependencies import DERIVED, IRRELEVANT, NEEDS, Needs, fingerprints, reusable
 
 ALL_STAGES = list(STAGES)
 
@@ -91,8 +91,8 @@ def rerun_after_change(cfg: RunConfig, key: str, value, wanted=ALL_STAGES) -> se
     for part in path:
         node = getattr(node, part)
     setattr(node, leaf, value)
-    reusable = plan(fingerprints(changed, wanted), before)
-    return {name for name, reuse in reusable.items() if not reuse}
+    reusable_now = reusable(fingerprints(changed, wanted), before)
+    return {name for name, reuse in reusable_now.items() if not reuse}
 
 
 def downstream(stages: set[str]) -> set[str]:
@@ -155,11 +155,11 @@ def test_adding_a_stage_reruns_only_what_reads_it():
     cfg = load_config(["stages=[train,convert,eval,finetune]", "snn.calibrate=[channel]"])
     before = fingerprints(cfg, ["train", "convert", "eval", "calibrate", "finetune"])
     after = fingerprints(cfg, ["train", "convert", "eval", "calibrate", "finetune", "export"])
-    assert {name for name, reuse in plan(after, before).items() if not reuse} == {"export"}
+    assert {name for name, reuse in reusable(after, before).items() if not reuse} == {"export"}
     # fine-tuning added: calibration now also chooses the start of fine-tuning, so it and fine-tuning run
     cfg_eval = load_config(["stages=[train,convert,eval]", "snn.calibrate=[channel]"])
     before = fingerprints(cfg_eval, ["train", "convert", "eval", "calibrate"])
-    assert {name for name, reuse in plan(after, before).items() if not reuse} == {"calibrate", "finetune", "export"}
+    assert {name for name, reuse in reusable(after, before).items() if not reuse} == {"calibrate", "finetune", "export"}
 
 
 def test_needs_is_frozen():

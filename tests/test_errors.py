@@ -292,3 +292,64 @@ def test_every_user_error_class_is_caught_by_launch():
     assert {ConfigError, DataError, CheckpointError, TrainingDiverged, TrainingOutOfMemory} <= defined
     missing = {cls.__qualname__ for cls in defined if not issubclass(cls, USER_ERRORS)}
     assert not missing, f"not in cli.USER_ERRORS (a user would see a traceback): {sorted(missing)}"
+
+
+# -- path-valued settings: existence and kind, before any work -------------------------------------------------------
+
+def _paths(tmp_path: Path) -> dict[str, Path]:
+    """A plain file, a folder, a .tar.gz of an ImageFolder-like tree, and a path below a file."""
+    import tarfile
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    file, folder = tmp_path / "weights.safetensors", tmp_path / "folder"
+    file.write_bytes(b"not really weights")
+    (folder / "train" / "a").mkdir(parents=True)
+    archive = tmp_path / "data.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="data")
+    return {"file": file, "folder": folder, "archive": archive, "below_file": file / "sub"}
+
+
+@pytest.mark.parametrize("key, kind, found, valid", [
+    ("data.root", "file", "it is a file", "a dataset folder"),  # a file where a folder (or archive) is needed
+    ("run_dir", "file", "it is a file", "a folder"),
+    ("output_dir", "below_file", "above it is a file", "a folder"),
+    ("model.checkpoint", "folder", "it is a folder", "a .safetensors file"),  # a folder where a file is needed
+    ("model.pretrained_file", "folder", "it is a folder", ".pth file"),
+    ("model.checkpoint", "missing", "does not exist", "a .safetensors file"),
+])
+def test_a_path_of_the_wrong_kind_is_refused_naming_key_path_and_what_is_valid(tmp_path, key, kind, found, valid):
+    from qcfs_snntorch.config import load_config
+    from qcfs_snntorch.pipeline.paths import check_paths
+
+    path = _paths(tmp_path).get(kind, tmp_path / "missing")
+    cfg = load_config(["data.name=imagefolder", f"data.root={_paths(tmp_path / 'ok')['archive']}", f"{key}={path}"])
+    with pytest.raises(ConfigError) as caught:
+        check_paths(cfg)
+    message = str(caught.value)
+    assert message.startswith(f"{key}=") and str(path) in message and found in message and valid in message
+
+
+def test_paths_of_the_right_kind_pass(tmp_path):
+    from qcfs_snntorch.config import load_config
+    from qcfs_snntorch.pipeline.paths import check_paths
+
+    paths = _paths(tmp_path)
+    for root in (paths["archive"], paths["folder"]):  # data.root: an ImageFolder tree or a .tar.gz of one
+        check_paths(load_config(["data.name=imagefolder", f"data.root={root}", f"model.checkpoint={paths['file']}",
+                                 f"run_dir={tmp_path / 'new' / 'run'}"]))
+    with pytest.raises(ConfigError, match="torchvision's CIFAR folder"):  # torchvision's CIFAR reads a folder only
+        check_paths(load_config(["data.name=cifar10", f"data.root={paths['archive']}"]))
+
+
+@pytest.mark.parametrize("kind, key, found", [("file", "run_dir", "it is a file"),
+                                              ("below_file", "output_dir", "above it is a file"),
+                                              ("folder", "model.pretrained_file", "it is a folder")])
+def test_a_wrong_kind_of_path_through_launch_is_one_clear_error(tmp_path, kind, key, found):
+    path = _paths(tmp_path)[kind]
+    before = sorted(tmp_path.rglob("*"))
+    result = launch(f"{key}={path}", "train.epochs=1")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert f"error: {key}=" in result.stderr and found in result.stderr
+    assert sorted(tmp_path.rglob("*")) == before, "nothing is created before the refusal"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from .fingerprints import digest, pick
 
-__all__ = ["DERIVED", "IRRELEVANT", "NEEDS", "Needs", "checkpoint_fingerprint", "fingerprints", "plan", "result_fingerprint"]
+__all__ = ["DERIVED", "IRRELEVANT", "NEEDS", "Needs", "checkpoint_fingerprint", "fingerprints", "result_fingerprint", "reusable"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ IRRELEVANT: dict[str, str] = {
     "run_dir": "where the run directory is",
     "resume": "whether to continue: the question this table answers",
     "log_with": "trackers that receive the metrics",
+    "progress_interval": "how often a long stage prints its progress",
     "data.eval_batch_size": "evaluation batch size: evaluation is per image (BN in eval mode)",
     "data.num_workers": "processes that read the data: speed (with per-image random augmentation, which image gets "
                         "which random crop, not the distribution trained on)",
@@ -120,7 +121,7 @@ def fingerprints(cfg, wanted: list[str]) -> dict[str, dict]:
     return out
 
 
-def plan(now: dict[str, dict], saved: dict[str, dict | None]) -> dict[str, bool]:
+def reusable(now: dict[str, dict], saved: dict[str, dict | None]) -> dict[str, bool]:
     """``{stage: reusable}``: a stage is reused when its recorded fingerprint (``saved``, None: it never
     completed) is today's and no stage it reads from reruns."""
     rerun: set[str] = set()

@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..config import RunConfig
 from . import plots
 from .context import RunContext
-from .dependencies import NEEDS, fingerprints, plan
+from .dependencies import NEEDS, fingerprints, reusable
 from .fingerprints import digest
 from .setup import setup
 from .stages import STAGE_CLASSES, Stage
 from .tables import accuracy_table
 
-__all__ = ["STAGES", "run", "walk"]
+__all__ = ["STAGES", "Step", "plan", "run", "walk"]
 
 STAGES: tuple[Stage, ...] = tuple(cls() for cls in STAGE_CLASSES)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One wanted stage of a run: the fingerprint its result is recorded under, and whether it is reused."""
+
+    stage: Stage
+    fingerprint: dict
+    reuse: bool
+
+
+def plan(cfg: RunConfig, previous: dict, stages: tuple[Stage, ...] = STAGES) -> list[Step]:
+    """The wanted stages in order, each marked reused when ``resume=true``, the resumed run's report
+    (``previous``) recorded it under today's fingerprint (pipeline/dependencies.py) and no stage it
+    reads from reruns. :func:`walk` and ``--dry-run`` both decide by this one rule.
+    """
+    wanted = [stage for stage in stages if stage.wanted(cfg)]
+    now = fingerprints(cfg, [stage.name for stage in wanted])
+    recorded = previous.get("stages", {}) if cfg.resume else {}
+    saved = {stage.name: (recorded.get(stage.name) or {}).get("fingerprint") for stage in wanted}
+    reuse = reusable(now, saved)
+    return [Step(stage, now[stage.name], reuse[stage.name]) for stage in wanted]
 
 
 def walk(ctx: RunContext, stages: tuple[Stage, ...] = STAGES) -> None:
@@ -23,23 +47,20 @@ def walk(ctx: RunContext, stages: tuple[Stage, ...] = STAGES) -> None:
     nothing of an earlier experiment can be read back as this one's result.
     """
     cfg, run_dir = ctx.cfg, ctx.run_dir
-    wanted = [stage for stage in stages if stage.wanted(cfg)]
-    now = fingerprints(cfg, [stage.name for stage in wanted])
-    ctx.digests = {name: digest(fingerprint) for name, fingerprint in now.items()}
-    saved = {stage.name: (run_dir.saved_stage(stage.name) or {}).get("fingerprint") if cfg.resume else None for stage in wanted}
-    reusable = plan(now, saved)
+    steps = plan(cfg, run_dir.previous, stages)
+    ctx.digests = {step.stage.name: digest(step.fingerprint) for step in steps}
     reran: set[str] = set()  # stages that ran although reusable (their files could not be restored)
-    for stage in wanted:
-        fingerprint = now[stage.name]
-        if reusable[stage.name] and not reran & set(NEEDS[stage.name].after) and stage.restore(ctx):
-            run_dir.restore(stage.name, stage.outputs)
+    for step in steps:
+        name = step.stage.name
+        if step.reuse and not reran & set(NEEDS[name].after) and step.stage.restore(ctx):
+            run_dir.restore(name, step.stage.outputs)
             continue
         if cfg.resume:
-            run_dir.discard(stage.writes)
+            run_dir.discard(step.stage.writes)
             ctx.accelerator.wait_for_everyone()
-        with run_dir.stage(stage.name, fingerprint) as parts:
-            parts.update(stage.run(ctx))
-        reran.add(stage.name)
+        with run_dir.stage(name, step.fingerprint) as parts:
+            parts.update(step.stage.run(ctx))
+        reran.add(name)
 
 
 def summarise(ctx: RunContext) -> dict:

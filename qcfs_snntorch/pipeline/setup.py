@@ -28,6 +28,7 @@ from ..tracing import qcfs_layers
 from ..training import atomic_write_text, broadcast_state, load_weights, make_accelerator
 from .context import RunContext
 from .fingerprints import architecture, changed, describe
+from .paths import check_paths
 from .run_dir import RunDir, RunLog, choose_run_dir, read_report
 
 __all__ = ["SPIKING_STAGES", "build_ann", "initial_thresholds", "setup"]
@@ -133,6 +134,7 @@ def initial_thresholds(ctx: RunContext) -> None:
 
 def setup(cfg: RunConfig) -> RunContext:
     """Data, ANN, checks, run directory, Accelerator, evaluation loaders and initial λ, in that order."""
+    check_paths(cfg)  # a wrong kind of path is refused before any data is read
     state = PartialState()
     set_seed(cfg.seed)
     with state.main_process_first():
