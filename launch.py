@@ -2,7 +2,8 @@
 
     accelerate launch launch.py                                   # recipe "quickstart"
     accelerate launch launch.py recipe=cifar10_jpeg_cpu train.epochs=5
-    python launch.py --help
+    python launch.py --help                                       # every key: type, default, meaning
+    python launch.py --dry-run recipe=cifar10_jpeg_cpu            # resolved config and plan, runs nothing
 
 The application lives in the package (qcfs_snntorch/pipeline); ``qcfs-snntorch`` is the
 same command once the package is installed.

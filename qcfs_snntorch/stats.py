@@ -26,6 +26,7 @@ from torch import nn
 
 from .neurons import MultiStepNeuron
 from .neurons.base import usable_threshold
+from .progress import Progress
 from .tracing import LeafTracer, eval_mode, forward_hooks, qcfs_layers, spiking_neurons
 
 __all__ = ["PJ_PER_MAC", "PJ_PER_AC", "spike_stats", "conversion_error"]
@@ -216,17 +217,19 @@ def conversion_error(ann: nn.Module, snn: nn.Module, x: torch.Tensor, timesteps:
         step_sum = out.float().reshape(module.timesteps, batch, *out.shape[1:]).sum(0)
         sums[module] = sums[module] + step_sum if module in sums else step_sum
 
-    for t in timesteps:
-        sums.clear()
-        with eval_mode(snn), forward_hooks((n, accumulate) for n in neurons):
-            snn_logits = snn(x, timesteps=t).float().mean(0)
-        for row, a, n in zip(layers, acts, neurons):
-            mae = (ann_out[a] - sums[n] / t).abs().mean().item()
-            row["mae"].append(mae)
-            row["relative"].append(mae / row["ann_mean"] if row["ann_mean"] > 0 else None)
-        mae = (logits - snn_logits).abs().mean().item()
-        scale = logits.abs().mean().item()
-        output["mae"].append(mae)
-        output["relative"].append(mae / scale if scale > 0 else None)
-        output["agreement"].append((logits.argmax(-1) == snn_logits.argmax(-1)).float().mean().item())
+    with Progress("conversion error per layer", sum(timesteps), unit="steps") as progress:  # a run costs its T
+        for t in timesteps:
+            sums.clear()
+            with eval_mode(snn), forward_hooks((n, accumulate) for n in neurons):
+                snn_logits = snn(x, timesteps=t).float().mean(0)
+            for row, a, n in zip(layers, acts, neurons):
+                mae = (ann_out[a] - sums[n] / t).abs().mean().item()
+                row["mae"].append(mae)
+                row["relative"].append(mae / row["ann_mean"] if row["ann_mean"] > 0 else None)
+            mae = (logits - snn_logits).abs().mean().item()
+            scale = logits.abs().mean().item()
+            output["mae"].append(mae)
+            output["relative"].append(mae / scale if scale > 0 else None)
+            output["agreement"].append((logits.argmax(-1) == snn_logits.argmax(-1)).float().mean().item())
+            progress.advance(t)
     return {"timesteps": timesteps, "batch_size": int(batch), "layers": layers, "output": output}

@@ -81,3 +81,10 @@ def test_dry_run_through_launch_on_a_resumed_run(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "train: reuse" in result.stdout and "finetune: run" in result.stdout
     assert sorted(p.name for p in run_dir.iterdir()) == before, "a dry run writes nothing into the run directory"
+
+
+def test_dry_run_shows_the_plan_and_then_what_the_run_would_refuse(tmp_path):
+    result = launch("--dry-run", "data.name=imagefolder", f"data.root={tmp_path / 'missing'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "# stages" in result.stdout and "train: run" in result.stdout
+    assert f"error: data.root='{tmp_path / 'missing'}': it does not exist" in result.stderr

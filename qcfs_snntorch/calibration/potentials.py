@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..progress import Progress
 from ..spiking import SpikingModel
 from ..tracing import eval_mode, forward_hooks, qcfs_layers, spiking_neurons
 
@@ -94,7 +95,8 @@ def calibrate_potentials(
         return [out.reshape(steps, batch, *out.shape[1:]).mean(0) for out in outs]
 
     report = {"timesteps": steps, "methods": list(methods), "layers": []}
-    with eval_mode(ann, snn):
+    progress = Progress(f"calibrate v(0) for T={steps}", len(neurons), unit="layers")
+    with eval_mode(ann, snn), progress:
         targets = _capture(activations, batch, lambda: ann(x))
         previous = None  # the layer calibrated last: its "after" is read in the next layer's run
         for index, (neuron, target) in enumerate(zip(neurons, targets)):
@@ -111,6 +113,7 @@ def calibrate_potentials(
                 gap = target - rate
                 dims = tuple(range(gap.dim())) if method == "layer" else _channel_dims(gap)
                 neuron.initial_offset = neuron.initial_offset + steps * gap.mean(dims, keepdim=method == "channel").squeeze(0)
+            progress.advance()
         if previous is not None:
             (rate,) = snn_rates(neurons[-1])
             previous.update({f"{k}_after": v for k, v in _errors(rate, targets[-1]).items()})

@@ -61,6 +61,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..convert import fold_batchnorm
 from ..neurons import GradedIFNeuron, IFNeuron, MultiStepNeuron
+from ..progress import track
 from ..qcfs import QCFS
 from ..tracing import LeafTracer
 from .errors import ExportError, NotPortableError
@@ -286,7 +287,7 @@ class _Exporter:
     # -- the walk --------------------------------------------------------------------
     def run(self) -> None:
         signals: dict[torch.fx.Node, _Signal] = {}
-        for node in self.graph.nodes:
+        for node in track(self.graph.nodes, f"export NIR ({'portable' if self.portable else 'metadata'} form)", unit="nodes"):
             exclusive = len(node.users) == 1
             if node.op == "placeholder":
                 signals[node] = self.placeholder(node, bool(signals), exclusive)

@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
         if dry:
-            check_paths(cfg)
             print(dry_run(cfg))
+            check_paths(cfg)  # after the plan: what the run would refuse is shown with what it would do
             return 0
         run(cfg)
     except USER_ERRORS as exc:

@@ -36,10 +36,12 @@ class RunLog:
         self.path = (run_dir / "log.txt") if (run_dir and enabled) else None
         self.enabled = enabled
 
-    def __call__(self, message: str) -> None:
+    def __call__(self, message: str, console: bool = True) -> None:
+        """One line to log.txt and (``console=False``: progress a bar already shows there) to the console."""
         if not self.enabled:
             return
-        self.console.print(message, markup=False, soft_wrap=True)  # one line per message: greppable
+        if console:
+            self.console.print(message, markup=False, soft_wrap=True)  # one line per message: greppable
         if self.path:
             with self.path.open("a") as f:
                 f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")

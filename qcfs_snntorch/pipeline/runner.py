@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import RunConfig
+from ..progress import reporting
 from . import plots
 from .context import RunContext
 from .dependencies import NEEDS, fingerprints, reusable
@@ -83,7 +84,8 @@ def run(cfg: RunConfig) -> dict:
     """
     ctx = setup(cfg)
     try:
-        walk(ctx)
+        with reporting(cfg.progress_interval, ctx.log, enabled=ctx.accelerator.is_main_process):
+            walk(ctx)
     except KeyboardInterrupt:
         ctx.run_dir.fail("interrupted", f"interrupted during stage {ctx.run_dir.report.get('running_stage')!r}")
         raise

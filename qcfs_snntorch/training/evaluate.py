@@ -9,17 +9,15 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..early_exit import exit_steps, summarise_exits
+from ..progress import Progress
 from ..spiking import SpikingModel
 from ..tracing import qcfs_layers
 
 __all__ = ["evaluate_ann", "evaluate_ann_at_levels", "evaluate_snn", "evaluate_snn_exits", "quantization_levels"]
 
 
-def _progress(accelerator: Accelerator, loader, label: str):
-    from rich.progress import Progress
-
-    progress = Progress(transient=True, disable=not accelerator.is_main_process)
-    return progress, progress.add_task(label, total=len(loader))
+def _progress(accelerator: Accelerator, loader, label: str) -> Progress:
+    return Progress(label, len(loader), enabled=accelerator.is_main_process, unit="batches")
 
 
 @contextlib.contextmanager
@@ -37,19 +35,18 @@ def quantization_levels(model: nn.Module, levels: int):
 
 
 @torch.no_grad()
-def evaluate_ann(model: nn.Module, loader, accelerator: Accelerator) -> float:
+def evaluate_ann(model: nn.Module, loader, accelerator: Accelerator, label: str = "eval ANN") -> float:
     """Top-1 accuracy (fraction) of a classifier over a prepared loader, every sample once."""
     model.eval()
     correct = total = 0
-    progress, task = _progress(accelerator, loader, "eval ANN")
-    with progress:
+    with _progress(accelerator, loader, label) as progress:
         for images, labels in loader:
             with accelerator.autocast():
                 logits = model(images)
             preds, labels = accelerator.gather_for_metrics((logits.argmax(-1), labels))
             correct += (preds == labels).sum().item()
             total += labels.numel()
-            progress.advance(task)
+            progress.advance()
     return correct / max(total, 1)
 
 
@@ -63,7 +60,7 @@ def evaluate_ann_at_levels(model: nn.Module, loader, levels: list[int], accelera
     results = []
     for value in levels:
         with quantization_levels(model, value):
-            results.append(evaluate_ann(model, loader, accelerator))
+            results.append(evaluate_ann(model, loader, accelerator, label=f"eval ANN at L={value}"))
     return results
 
 
@@ -89,8 +86,7 @@ def evaluate_snn_exits(
     correct = torch.zeros(len(timesteps), dtype=torch.long)
     seen = 0
     exit_steps_all, exit_correct_all = [], []
-    progress, task = _progress(accelerator, loader, f"eval SNN T≤{total}")
-    with progress:
+    with _progress(accelerator, loader, f"eval SNN T≤{total}") as progress:
         for images, labels in loader:
             with accelerator.autocast():
                 means = snn.running_means(images, total)  # [T, b, C]
@@ -103,7 +99,7 @@ def evaluate_snn_exits(
             seen += labels.numel()
             exit_steps_all.append(steps.cpu())
             exit_correct_all.append((preds == labels[:, None]).cpu())
-            progress.advance(task)
+            progress.advance()
     result = {"timesteps": list(timesteps), "top1": (correct.double() / max(seen, 1)).tolist()}
     if exit_thresholds:
         steps, hits = torch.cat(exit_steps_all), torch.cat(exit_correct_all)

@@ -27,6 +27,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 from ..config import SCHEDULER_NAMES
+from ..progress import Progress
 from .checkpoints import CheckpointDir
 from .distributed import average_batchnorm_stats, broadcast_state, prepare_quietly
 from .tasks import Classification
@@ -199,14 +200,8 @@ class _Trainer:
         if first and carried and accelerator.is_main_process:  # the resumed epoch's totals so far (all ranks)
             for key, value in carried.items():
                 totals.add(key, value, 1)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        progress = Progress(
-            TextColumn(f"[{self.label}] epoch {epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(),
-            transient=True, disable=not accelerator.is_main_process,
-        )
-        bar = progress.add_task("", total=self.steps_per_epoch, completed=first, loss=float("nan"))
+        progress = Progress(f"{self.label} epoch {epoch + 1}/{cfg.epochs}", self.steps_per_epoch, completed=first,
+                            enabled=accelerator.is_main_process, unit="batches", fields={"loss": float("nan")})
         with progress:
             for i, (images, labels) in enumerate(self._batches(epoch, first)):
                 step = first + i
@@ -219,7 +214,7 @@ class _Trainer:
                         totals.add(key, value, labels.numel())
                 totals.add("correct", (result["output"].detach().argmax(-1) == labels).sum(), 1)
                 totals.add("seen", labels.numel(), 1)
-                progress.update(bar, advance=1, loss=(totals.sums["loss"] / totals.sums["seen"]).item())
+                progress.advance(loss=(totals.sums["loss"] / totals.sums["seen"]).item())
                 self._maybe_checkpoint_mid_epoch(epoch, step, totals)
         return totals
 
