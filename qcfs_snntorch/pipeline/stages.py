@@ -138,7 +138,7 @@ class Convert(Stage):
         return bool(set(cfg.stages) & {"convert", "eval", "calibrate", "finetune", "export"})
 
     def fingerprint(self, cfg) -> dict:
-        return pick(cfg, ("snn.fold_bn", "snn.max_spikes", "finetune.learn_threshold", "finetune.surrogate",
+        return pick(cfg, ("snn.fold_bn", "snn.max_spikes", "snn.neuron", "finetune.learn_threshold", "finetune.surrogate",
                           "finetune.surrogate_width", "model.checkpoint"))
 
     def _convert(self, ctx: RunContext) -> None:
@@ -146,7 +146,8 @@ class Convert(Stage):
         ctx.ann.eval()
         ctx.snn = convert(ctx.ann, fold_bn=cfg.snn.fold_bn, learn_threshold=cfg.finetune.learn_threshold,
                           surrogate=cfg.finetune.surrogate, surrogate_width=cfg.finetune.surrogate_width,
-                          chunk_size=cfg.snn.chunk_size, max_spikes=cfg.snn.max_spikes, verify=False).to(ctx.accelerator.device)
+                          chunk_size=cfg.snn.chunk_size, max_spikes=cfg.snn.max_spikes, neuron=cfg.snn.neuron,
+                          verify=False).to(ctx.accelerator.device)
 
     def run(self, ctx: RunContext) -> dict:
         parts = {}
@@ -157,7 +158,7 @@ class Convert(Stage):
             ctx.log(f"[ANN] test top-1 {ctx.ann_accuracy['top1']:.4f}" + _val_text(ctx.ann_accuracy))
         self._convert(ctx)
         return {**parts, "convert": {"neurons": len(ctx.snn.neurons()), "fold_bn": ctx.cfg.snn.fold_bn,
-                                     "max_spikes": ctx.cfg.snn.max_spikes}}
+                                     "max_spikes": ctx.cfg.snn.max_spikes, "neuron": ctx.cfg.snn.neuron}}
 
     def restore(self, ctx: RunContext) -> bool:
         if ctx.ann_accuracy is None:
