@@ -8,7 +8,7 @@ from .check import CheckReport, ConversionError, Problem, check
 from .convert import convert, fold_batchnorm
 from .export import ExportError, export_nir
 from .models import ModelError, UnknownModelError, create_model
-from .neurons import GradedIFNeuron, IFNeuron, MultiStepNeuron
+from .neurons import GradedIFNeuron, IFNeuron, MultiStepNeuron, SignedIFNeuron
 from .qcfs import QCFS, qcfs
 from .spiking import SpikingModel
 
@@ -27,6 +27,7 @@ __all__ = [
     "SpikingModel",
     "IFNeuron",
     "GradedIFNeuron",
+    "SignedIFNeuron",
     "MultiStepNeuron",
     "calibrate_from_data",
     "calibrate_potentials",

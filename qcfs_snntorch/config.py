@@ -112,6 +112,7 @@ class SNNConfig:
     stats_samples: int = setting(64, "test images (a seeded random sample) for statistics and per-layer conversion error")
     nir_portable: bool | None = setting(None, "snn.nir: only node types every NIR consumer maps (null: when that is exact)")
     max_spikes: int = setting(1, "spikes a neuron may send per step: 1 = binary IF; B > 1 = graded (QCFS at L = B·T)")
+    neuron: str = setting("if", "if: spikes of +θ only | signed: also −θ spikes that take back earlier ones (no NIR export)")
     early_exit: list[float] = setting([0.5, 0.7, 0.8, 0.9, 0.95, 0.99], "early-exit thresholds τ to report (empty: none)")
     early_exit_rule: str = setting("confidence", "confidence: max softmax of the mean output | margin: top-1 − top-2")
     early_exit_reference: int = setting(4, "the τ chosen on validation takes the fewest mean steps within early_exit_tolerance of this fixed T")
@@ -225,8 +226,9 @@ def load_config(overrides: list[str] | None = None, recipe_dir: Path | None = No
 
 # The valid choices of keys whose values name things elsewhere in the package. config.py imports
 # nothing of the package (it is the ground floor); tests check these against the tables they name
-# (neurons.SURROGATES, calibration.METHODS, training.SCHEDULERS).
+# (neurons.SURROGATES, neurons.NEURON_KINDS, calibration.METHODS, training.SCHEDULERS).
 SURROGATE_NAMES = ("triangle", "rectangle", "atan", "sigmoid")
+NEURON_NAMES = ("if", "signed")
 CALIBRATION_METHODS = ("layer", "channel")
 SCHEDULER_NAMES = ("cosine", "tanh", "step", "multistep", "poly", "none")
 EARLY_EXIT_RULES = ("confidence", "margin")
@@ -329,7 +331,7 @@ RULES: dict[str, callable] = {
     "snn.calibrate": _each(_choice(CALIBRATION_METHODS)), "snn.calibrate_timesteps": _each(_POSITIVE),
     "snn.calibrate_samples": _POSITIVE, "snn.stats_timesteps": _POSITIVE, "snn.stats_samples": _POSITIVE,
     "snn.nir_portable": _anything,
-    "snn.max_spikes": _integer(1, 64), "snn.early_exit": _each(_number(0, 1)),
+    "snn.max_spikes": _integer(1, 64), "snn.neuron": _choice(NEURON_NAMES), "snn.early_exit": _each(_number(0, 1)),
     "snn.early_exit_rule": _choice(EARLY_EXIT_RULES), "snn.early_exit_reference": _POSITIVE,
     "snn.early_exit_tolerance": _number(0, 1),
     **{f"finetune.{k}": rule for k, rule in _OPTIM.items()},
@@ -399,6 +401,10 @@ def _cross_checks(cfg: RunConfig) -> None:
     if "calibrate" in cfg.stages and not cfg.snn.calibrate:
         raise ConfigError(f"stages has calibrate but snn.calibrate is empty; give snn.calibrate=[channel] (or "
                           f"{', '.join(CALIBRATION_METHODS)})")
+    if cfg.snn.neuron == "signed" and "export" in cfg.stages:
+        kept = [s for s in cfg.stages if s != "export"]
+        raise ConfigError(f"snn.neuron=signed cannot be exported to NIR (its IF neuron has no negative spikes); drop the "
+                          f"export stage (stages=[{','.join(kept)}]) or use snn.neuron=if")
     needs_ann = {"convert", "eval", "calibrate", "finetune", "export"} & set(cfg.stages)
     if needs_ann and "train" not in cfg.stages and not (cfg.model.checkpoint or cfg.model.pretrained or cfg.model.pretrained_file):
         raise ConfigError(

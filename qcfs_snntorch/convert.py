@@ -11,7 +11,7 @@ from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 from .check import ConversionError, check
-from .neurons import GradedIFNeuron, IFNeuron, MultiStepNeuron
+from .neurons import NEURON_KINDS, MultiStepNeuron, make_neuron
 from .qcfs import QCFS
 from .spiking import SpikingModel
 from .tracing import LeafTracer
@@ -115,6 +115,7 @@ def convert(
     surrogate_width: float = 1.0,
     chunk_size: int | None = None,
     max_spikes: int = 1,
+    neuron: str = "if",
     verify: bool = True,
     memory_format: torch.memory_format | str | None = "auto",
 ) -> SpikingModel:
@@ -132,6 +133,9 @@ def convert(
         surrogate, surrogate_width: surrogate gradient of the firing rule, width in units of θ.
         chunk_size: most time steps per folded forward (memory bound at large T).
         max_spikes: spikes one neuron may send per step (1: binary IF neurons).
+        neuron: the kind of neuron, a key of :data:`~qcfs_snntorch.neurons.NEURON_KINDS`: ``"if"``
+            (spikes of +θ only) or ``"signed"`` (:class:`~qcfs_snntorch.neurons.SignedIFNeuron`: also
+            −θ spikes that take back earlier ones; binary or graded by ``max_spikes`` alike).
         verify: run :func:`~qcfs_snntorch.check` first (skip it only for a model already checked).
         memory_format: the layout of the SNN's weights (and so of its activations): ``"auto"``
             picks :func:`preferred_memory_format` (channels-last for 2-D conv networks); a
@@ -143,6 +147,8 @@ def convert(
     """
     if isinstance(max_spikes, bool) or not isinstance(max_spikes, int) or max_spikes < 1:
         raise ValueError(f"max_spikes must be a positive integer (1: binary spikes), got {max_spikes!r}")
+    if neuron not in NEURON_KINDS:
+        raise ValueError(f"unknown neuron {neuron!r}; valid: {', '.join(NEURON_KINDS)}")
     if verify:
         report = check(model)
         if not report.convertible:
@@ -153,10 +159,9 @@ def convert(
 
     def neuron_for(act: QCFS) -> MultiStepNeuron:
         common = dict(shift=act.shift, learn_threshold=learn_threshold, surrogate=surrogate, surrogate_width=surrogate_width)
-        if max_spikes == 1:
-            return IFNeuron(act.threshold.detach().clone(), **common).to(act.threshold.device)
-        unit = act.threshold.detach() / max_spikes  # the arithmetic of QCFS's step λ/L (bit for bit when B = L)
-        return GradedIFNeuron(unit, max_spikes=max_spikes, **common).to(act.threshold.device)
+        # θ = λ for one spike per step; else the arithmetic of QCFS's step λ/L (bit for bit when B = L)
+        unit = act.threshold.detach().clone() if max_spikes == 1 else act.threshold.detach() / max_spikes
+        return make_neuron(neuron, unit, max_spikes, **common).to(act.threshold.device)
 
     if isinstance(net, QCFS):
         net = neuron_for(net)

@@ -5,7 +5,9 @@ report as is; :func:`qcfs_snntorch.pipeline.tables.render` prints it as ``rich``
 
 Counting conventions (those of the ANN-SNN conversion literature):
 - firing rate: spikes per neuron per step. An IFNeuron outputs spike × θ, so a spike is
-  any nonzero output.
+  any nonzero output. A signed neuron's events are counted by sign apart too
+  (``positive_events``, ``negative_events``): a negative spike costs an event like a positive
+  one, and ``spikes`` is the net count Σk.
 - synaptic operations of a conv/linear layer, per sample: ``input rate × T × MACs``,
   where MACs is the layer's multiply-accumulates for one step of one sample and the input
   rate is the fraction of its input elements that are nonzero (a spike, or an average of
@@ -55,7 +57,7 @@ def _analog_layers(net: nn.Module) -> set[str] | None:
 
 
 def _count(snn: nn.Module, x: torch.Tensor, timesteps: int):
-    """Run ``snn`` on ``x`` with hooks: per neuron [events, spikes, elements]; per weighted layer
+    """Run ``snn`` on ``x`` with hooks: per neuron [events, spikes, elements, negative events]; per weighted layer
     [nonzero inputs, input elements, MACs per sample]; and the order layers and neurons ran in."""
     net = snn.net
     names = {m: n for n, m in net.named_modules()}
@@ -65,10 +67,11 @@ def _count(snn: nn.Module, x: torch.Tensor, timesteps: int):
 
     def on_neuron(module, inputs, output):
         order.append(None)
-        c = neuron_counts.setdefault(names[module], [0.0, 0.0, 0.0])
-        c[0] += torch.count_nonzero(output).item()  # a step with k ≥ 1 spikes is one event
-        c[1] += (output.float() / usable_threshold(module.threshold)).sum().item()  # k summed: spikes of value θ
+        c = neuron_counts.setdefault(names[module], [0.0, 0.0, 0.0, 0.0])
+        c[0] += torch.count_nonzero(output).item()  # a step with k ≠ 0 spikes is one event
+        c[1] += (output.float() / usable_threshold(module.threshold)).sum().item()  # k summed: spikes of value θ (net)
         c[2] += output.numel()
+        c[3] += torch.count_nonzero(output < 0).item()  # θ > 0: the output has the sign of k
 
     def on_layer(module, inputs, output):
         name = names[module]
@@ -86,18 +89,22 @@ def _count(snn: nn.Module, x: torch.Tensor, timesteps: int):
     return neuron_counts, layer_counts, order
 
 
-def _payload_bits(max_spikes: int) -> int:
-    """Bits an event carries to say how many spikes it stands for (1 for a binary spike)."""
-    return max(1, math.ceil(math.log2(max_spikes + 1)))
+def _payload_bits(max_spikes: int, signed: bool = False) -> int:
+    """Bits an event carries to say how many spikes it stands for: ⌈log₂⌉ of the values a step can take
+    (B + 1: 1 bit for a binary spike; 2B + 1 for a signed neuron, whose spikes carry a sign: 2 bits for a binary one)."""
+    values = 2 * max_spikes + 1 if signed else max_spikes + 1
+    return max(1, math.ceil(math.log2(values)))
 
 
 def _neuron_rows(snn, neuron_counts: dict, timesteps: int, batch: int) -> list[dict]:
     rows = []
-    for name, (events, spikes, elements) in neuron_counts.items():
+    for name, (events, spikes, elements, negative) in neuron_counts.items():
         per_sample = elements / (timesteps * batch)
-        bits = _payload_bits(snn.net.get_submodule(name).max_spikes)
+        neuron = snn.net.get_submodule(name)
+        bits = _payload_bits(neuron.max_spikes, neuron.signed)
         rows.append({"name": name, "neurons": int(per_sample), "firing_rate": events / elements,
-                     "events": events / batch, "spikes": spikes / batch, "payload_bits": bits * events / batch})
+                     "events": events / batch, "positive_events": (events - negative) / batch,
+                     "negative_events": negative / batch, "spikes": spikes / batch, "payload_bits": bits * events / batch})
     return rows
 
 
@@ -121,6 +128,8 @@ def _totals(neurons: list[dict], layers: list[dict], timesteps: int, pj_per_mac:
     return {
         "neurons": total_neurons,
         "events": events,
+        "positive_events": sum(n["positive_events"] for n in neurons),
+        "negative_events": sum(n["negative_events"] for n in neurons),
         "spikes": sum(n["spikes"] for n in neurons),
         "payload_bits": sum(n["payload_bits"] for n in neurons),
         "firing_rate": events / (total_neurons * timesteps) if total_neurons else 0.0,
@@ -144,15 +153,17 @@ def spike_stats(
     """Spike events, synaptic operations and an energy estimate of ``snn`` on batch ``x`` over ``timesteps``.
 
     A neuron sends at most one event per step; a graded neuron's event carries a payload
-    (k spikes of value θ, k ≤ B, in ⌈log₂(B+1)⌉ bits). Returns a dict (numbers per sample,
+    (k spikes of value θ, k ≤ B, in ⌈log₂(B+1)⌉ bits); a signed neuron's events are +θ or −θ
+    (graded: ±kθ, in ⌈log₂(2B+1)⌉ bits), each one event and, downstream, one accumulate per synapse. Returns a dict (numbers per sample,
     for the whole run of T steps unless named a rate)::
 
         {"timesteps": T, "batch_size": B,
-         "neurons": [{"name", "neurons", "firing_rate", "events", "spikes", "payload_bits"}],
-                    # firing_rate: events/neuron/step; spikes: Σk (= events for binary neurons)
+         "neurons": [{"name", "neurons", "firing_rate", "events", "positive_events", "negative_events", "spikes",
+                      "payload_bits"}],
+                    # firing_rate: events/neuron/step; spikes: Σk, net of negative spikes (= events for binary IF)
          "layers":  [{"name", "type", "macs", "input_rate", "op", "ops", "energy_uj"}],
                     # macs: one step, one sample; op: "MAC" | "AC"; ops = input_rate·T·macs
-         "totals":  {"neurons", "events", "spikes", "payload_bits", "firing_rate", "snn_macs", "snn_acs",
+         "totals":  {"neurons", "events", "positive_events", "negative_events", "spikes", "payload_bits", "firing_rate", "snn_macs", "snn_acs",
                      "snn_energy_uj", "ann_macs", "ann_energy_uj", "energy_ratio"},
          "energy_model": {"pj_per_mac", "pj_per_ac", "note"}}
     """

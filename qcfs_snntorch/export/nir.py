@@ -560,6 +560,19 @@ def _export(net: nn.Module, graph: torch.fx.Graph, portable: bool, threshold_fac
     return exporter
 
 
+def _refuse_signed(snn: nn.Module) -> None:
+    """Signed neurons have no NIR form: NIR's IF emits only positive spikes and has no spike-count state, so a
+    consumer could only run another network (and the metadata form would need a node type no consumer has)."""
+    signed = [name for name, m in snn.named_modules() if isinstance(m, MultiStepNeuron) and m.signed]
+    if signed:
+        shown = ", ".join(repr(n) for n in signed[:3]) + (f" and {len(signed) - 3} more" if len(signed) > 3 else "")
+        raise ExportError(
+            f"export_nir: {shown} {'are signed neurons' if len(signed) > 1 else 'is a signed neuron'} (snn.neuron = signed), "
+            "which send negative spikes that take back earlier ones; NIR's IF has no negative spikes and no spike count, so "
+            "no NIR graph computes this network. Convert with snn.neuron = if (convert(model, neuron='if')) to export"
+        )
+
+
 def export_nir(snn: nn.Module, path: str | Path, sample_input: torch.Tensor, *, portable: bool | None = None,
                threshold_factor: float = 1.0) -> nir.NIRGraph:
     """Write a converted network as a NIR graph to ``path`` (HDF5) and return the graph.
@@ -582,13 +595,15 @@ def export_nir(snn: nn.Module, path: str | Path, sample_input: torch.Tensor, *, 
 
     Raises:
         ExportError: naming the first module or operation NIR cannot express (also when the
-            network cannot be traced or does not run on ``sample_input``); nothing is written.
+            network cannot be traced or does not run on ``sample_input``, or has signed
+            neurons); nothing is written.
 
     See the module docstring and docs/NIR.md for the mapping and the metadata that
     carries what NIR's IF cannot (subtract reset, v(0), firing on v ≥ θ).
     """
     if not 0 < threshold_factor <= 1:
         raise ValueError(f"export_nir: threshold_factor must be in (0, 1], got {threshold_factor!r}")
+    _refuse_signed(snn)
     net, graph = _traced(snn, sample_input)
     why_not = "asked for with portable=False"
     exporter = None

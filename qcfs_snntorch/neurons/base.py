@@ -9,7 +9,9 @@ steps relies on.
 
 A neuron is defined by its firing rule (:mod:`.fused`): how many spikes a membrane
 potential emits in one step. To add one, subclass :class:`MultiStepNeuron`, set ``rule``
-in ``__init__``, and give it a file of its own (see :mod:`.if_neuron`, :mod:`.graded_if`).
+in ``__init__``, and give it a file of its own (see :mod:`.if_neuron`, :mod:`.graded_if`,
+:mod:`.signed_if`). A signed rule's neuron also carries a tracer (its net spike count so
+far) as state beside the membrane: ``self.tracer``, None for the other rules.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class MultiStepNeuron(snntorch.Leaky):
         self.detach_reset = detach_reset
         self.timesteps = 1  # steps folded into dim 0 of the next input; set by SpikingModel
         self.mem = torch.zeros(0)
+        self.tracer: torch.Tensor | None = None  # net spikes sent so far (signed rules only), a plain attribute: state, not saved
         self._fresh = True
         # Added to v(0) by calibration; scalar or broadcastable to one step's input (e.g. [C, 1, 1]).
         self.register_buffer("initial_offset", torch.zeros(()))
@@ -88,6 +91,11 @@ class MultiStepNeuron(snntorch.Leaky):
     def max_spikes(self) -> int:
         """Most spikes one step can emit (1: binary)."""
         return self.rule.max_spikes
+
+    @property
+    def signed(self) -> bool:
+        """Whether the neuron also sends negative spikes (that take back earlier ones)."""
+        return self.rule.signed
 
     # Buffers whose shape is set by what is loaded (calibration makes v(0) offsets per layer or per channel).
     resizable_buffers = ("initial_offset",)
@@ -102,6 +110,7 @@ class MultiStepNeuron(snntorch.Leaky):
     def reset_state(self) -> None:
         """Forget the membrane; the next input starts from :meth:`initial_potential`."""
         self.mem = torch.zeros(0, device=self.mem.device)
+        self.tracer = None
         self._fresh = True
 
     def reset_mem(self):  # snnTorch's name for the same thing
@@ -113,30 +122,40 @@ class MultiStepNeuron(snntorch.Leaky):
         the others have stopped (early exit) and are not computed any more."""
         if not self._fresh:
             self.mem = self.mem[rows]
+            if self.tracer is not None:
+                self.tracer = self.tracer[rows]
 
     def initial_potential(self, like: torch.Tensor) -> torch.Tensor:
         v0 = self.shift * usable_threshold(self.threshold) + self.initial_offset
         return v0.expand(like.shape)  # integrate copies it
 
-    def integrate(self, currents: torch.Tensor, mem: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``currents`` of shape ``[T, B, …]`` from ``mem``; return (outputs, last mem)."""
+    def initial_tracer(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The tracer at the start (no spike sent yet), or None for a rule without one."""
+        return torch.zeros(like.shape, dtype=torch.float32, device=like.device) if self.rule.signed else None
+
+    def integrate(
+        self, currents: torch.Tensor, mem: torch.Tensor, tracer: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Run ``currents`` of shape ``[T, B, …]`` from ``mem`` (and ``tracer``); return (outputs, last mem, last tracer)."""
         theta = usable_threshold(self.threshold)
         if not (torch.is_grad_enabled() and (currents.requires_grad or mem.requires_grad or theta.requires_grad)):
-            return run_inference(self.rule, currents, mem, theta)
+            return run_inference(self.rule, currents, mem, theta, tracer)
         if self.fused:
             derivative = SURROGATES[self.surrogate]
-            return FusedMultiStep.apply(currents, mem, theta, self.rule, derivative, self.surrogate_width, self.detach_reset)
-        return self._integrate_autograd(currents, mem, theta)
+            return FusedMultiStep.apply(currents, mem, theta, self.rule, derivative, self.surrogate_width, self.detach_reset, tracer)
+        return self._integrate_autograd(currents, mem, theta, tracer)
 
-    def _integrate_autograd(self, currents, mem, theta):
+    def _integrate_autograd(self, currents, mem, theta, tracer=None):
         outputs = []
         for current in currents:
             mem = mem + current.float()
-            spikes = self.rule.reference_count(mem, theta, self.spike_grad)
+            spikes = self.rule.reference_count(mem, theta, self.spike_grad, tracer)
             reset = spikes.detach() if self.detach_reset else spikes
             mem = mem - reset * theta
+            if tracer is not None:
+                tracer = tracer + spikes.detach()
             outputs.append(spikes * theta)
-        return torch.stack(outputs).to(currents.dtype), mem
+        return torch.stack(outputs).to(currents.dtype), mem, tracer
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         steps = self.timesteps
@@ -148,20 +167,21 @@ class MultiStepNeuron(snntorch.Leaky):
         currents = input_.reshape(steps, input_.shape[0] // steps, *input_.shape[1:])
         step_shape = currents.shape[1:]
         if self._fresh:
-            mem = self.initial_potential(currents[0])
+            mem, tracer = self.initial_potential(currents[0]), self.initial_tracer(currents[0])
         elif self.mem.shape != step_shape:
             raise ValueError(
                 f"{type(self).__name__}: this step's input has shape {tuple(step_shape)} but the membranes hold "
                 f"{tuple(self.mem.shape)} from the previous step; call reset() before a new batch"
             )
         else:
-            mem = self.mem
-        out, mem = self.integrate(currents, mem)
-        self.mem, self._fresh = mem, False
+            mem, tracer = self.mem, self.tracer
+        out, mem, tracer = self.integrate(currents, mem, tracer)
+        self.mem, self.tracer, self._fresh = mem, tracer, False
         return out.reshape(input_.shape)
 
     def extra_repr(self) -> str:
         t = self.threshold
         theta = f"{t.item():.4g}" if t.numel() == 1 else f"shape={tuple(t.shape)}"
         spikes = f", max_spikes={self.max_spikes}" if self.max_spikes > 1 else ""
+        spikes += ", signed" if self.signed else ""
         return f"threshold={theta}{spikes}, shift={self.shift}, surrogate={self.surrogate}(width={self.surrogate_width})"

@@ -50,7 +50,7 @@ NEEDS: dict[str, Needs] = {
     "train": Needs(keys=(*ANN_SOURCE, "train", "mixed_precision"), report=("data.eval_subset",)),
     # Without a train stage the ANN is the model.* one (checkpoint, pretrained weights, λ from data): ANN_SOURCE.
     # finetune.surrogate / learn_threshold shape only gradients (same forward, same state dict): finetune's.
-    "convert": Needs(keys=(*ANN_SOURCE, "snn.fold_bn", "snn.max_spikes", "mixed_precision"),
+    "convert": Needs(keys=(*ANN_SOURCE, "snn.fold_bn", "snn.max_spikes", "snn.neuron", "mixed_precision"),
                      report=("data.eval_subset",), after=("train",)),
     # Measurements only (no training, no choice that a later stage reads).
     "eval": Needs(keys=(*IMAGES, "data.eval_subset", "seed", "mixed_precision", "snn.timesteps", "snn.stats_timesteps",

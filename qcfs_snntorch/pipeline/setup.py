@@ -63,7 +63,7 @@ def preflight(cfg: RunConfig, ann, data: DataSplits):
         raise ConversionError(verdict)
     if "export" in stages:  # exportability depends on the architecture only: find out now, not after training
         with tempfile.TemporaryDirectory() as scratch:
-            probe = convert(ann, max_spikes=cfg.snn.max_spikes, verify=False)
+            probe = convert(ann, max_spikes=cfg.snn.max_spikes, neuron=cfg.snn.neuron, verify=False)
             export_nir(probe, Path(scratch) / "probe.nir", data.test[0][0].unsqueeze(0), portable=cfg.snn.nir_portable)
     return verdict
 

@@ -129,14 +129,14 @@ class Convert(Stage):
     def wanted(self, cfg) -> bool:
         return bool(set(cfg.stages) & {"convert", "eval", "calibrate", "finetune", "export"})
 
-
     def _convert(self, ctx: RunContext) -> None:
         cfg = ctx.cfg
         initial_thresholds(ctx)  # no train stage: the ANN as built, with λ from data where asked
         ctx.ann.eval()
         ctx.snn = convert(ctx.ann, fold_bn=cfg.snn.fold_bn, learn_threshold=cfg.finetune.learn_threshold,
                           surrogate=cfg.finetune.surrogate, surrogate_width=cfg.finetune.surrogate_width,
-                          chunk_size=cfg.snn.chunk_size, max_spikes=cfg.snn.max_spikes, verify=False).to(ctx.accelerator.device)
+                          chunk_size=cfg.snn.chunk_size, max_spikes=cfg.snn.max_spikes, neuron=cfg.snn.neuron,
+                          verify=False).to(ctx.accelerator.device)
 
     def run(self, ctx: RunContext) -> dict:
         parts = {}
@@ -148,7 +148,7 @@ class Convert(Stage):
             ctx.log(f"[ANN] test top-1 {ctx.ann_accuracy['top1']:.4f}" + _val_text(ctx.ann_accuracy))
         self._convert(ctx)
         return {**parts, "convert": {"neurons": len(ctx.snn.neurons()), "fold_bn": ctx.cfg.snn.fold_bn,
-                                     "max_spikes": ctx.cfg.snn.max_spikes}}
+                                     "max_spikes": ctx.cfg.snn.max_spikes, "neuron": ctx.cfg.snn.neuron}}
 
     def restore(self, ctx: RunContext) -> bool:
         if ctx.ann_accuracy is None:

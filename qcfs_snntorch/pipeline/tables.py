@@ -32,8 +32,9 @@ def accuracy_table(report: dict) -> Table:
     at_levels = dict(zip(snn.get("timesteps", []), snn.get("ann_at_levels", {}).get("top1", [])))
     after_by_t = dict(zip(after.get("timesteps", []), after.get("top1", [])))
     spikes = snn.get("max_spikes", 1)
+    signed = report.get("convert", {}).get("neuron") == "signed"
     table = Table(title=f"{report.get('model')} on {report.get('dataset')}: test top-1 (%)"
-                        + (f", graded spikes (≤ {spikes} per step)" if spikes > 1 else ""))
+                        + (f", graded spikes (≤ {spikes} per step)" if spikes > 1 else "") + (", signed neurons" if signed else ""))
     columns = ["T", "ANN at L=T" if spikes == 1 else f"ANN at L={spikes}·T", "SNN", "gap"] + (["fine-tuned", "gap"] if after else [])
     for name in columns:
         table.add_column(name, justify="right")
@@ -74,10 +75,13 @@ def stats_tables(stats: dict) -> list[Table]:
     """Tables (neurons, layers, totals) for a :func:`~qcfs_snntorch.stats.spike_stats` result."""
     t = stats["timesteps"]
     neurons = Table(title=f"Firing rates (T = {t})")
-    for col in ("layer", "neurons", "rate (events/neuron/step)", "events/sample", "spikes/sample"):
+    signed = any(n.get("negative_events") for n in stats["neurons"])  # a column only where negative spikes happened
+    for col in ("layer", "neurons", "rate (events/neuron/step)", "events/sample", *(("negative/sample",) if signed else ()),
+                "spikes/sample"):
         neurons.add_column(col, justify="left" if col == "layer" else "right")
     for n in stats["neurons"]:
-        neurons.add_row(n["name"], str(n["neurons"]), _fmt(n["firing_rate"]), _fmt(n["events"]), _fmt(n["spikes"]))
+        negative = (_fmt(n["negative_events"]),) if signed else ()
+        neurons.add_row(n["name"], str(n["neurons"]), _fmt(n["firing_rate"]), _fmt(n["events"]), *negative, _fmt(n["spikes"]))
 
     layers = Table(title=f"Synaptic operations per sample (T = {t})")
     for col in ("layer", "type", "MACs/step", "input rate", "op", "ops", "energy µJ (est.)"):
