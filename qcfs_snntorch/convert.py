@@ -140,12 +140,12 @@ def compensate(net: nn.Module, sort: GraphSort | None = None) -> int:
         signals += [k for k, a in node.kwargs.items() if _is_signal(a, sort)]
         name = _unique(f"{where}_{op}", compensated)
         compensated[name] = COMPENSATED_KINDS[kind](fn, signals, where)
-        _retarget(graph, node, f"{{}}.{name}")
+        _retarget(sort, node, f"{{}}.{name}")
     for target, nodes in sort.call_sites.items():
         for node in nodes[1:]:  # the first call keeps the module
             name = _unique(f"{target}_call", sites)
             sites[name] = copy.deepcopy(modules[target])
-            _retarget(graph, node, f"{{sites}}.{name}")
+            _retarget(sort, node, f"{{sites}}.{name}")
     prefix = {"": _free_attr(net, "compensated"), "sites": _free_attr(net, "call_sites")}
     for node in graph.nodes:
         if node.op == "call_module" and node.target.startswith("{"):
@@ -162,13 +162,15 @@ def _is_signal(arg, sort: GraphSort) -> bool:
     return isinstance(arg, torch.fx.Node) and arg in sort.dynamic
 
 
-def _retarget(graph: torch.fx.Graph, node: torch.fx.Node, target: str) -> None:
-    """Make ``node`` a call of the module at ``target`` with the same arguments."""
-    with graph.inserting_after(node):
-        new = graph.call_module(target, node.args, node.kwargs)
+def _retarget(sort: GraphSort, node: torch.fx.Node, target: str) -> None:
+    """Make ``node`` a call of the module at ``target`` with the same arguments (a signal stays one)."""
+    with sort.graph.inserting_after(node):
+        new = sort.graph.call_module(target, node.args, node.kwargs)
     new.meta = dict(node.meta)
+    if node in sort.dynamic:
+        sort.dynamic.add(new)
     node.replace_all_uses_with(new)
-    graph.erase_node(node)
+    sort.graph.erase_node(node)
 
 
 def _install_forward(net: nn.Module, graph: torch.fx.Graph) -> None:
