@@ -137,8 +137,13 @@ class CompensatedOp(nn.Module):
     def f_macs(self, inputs: Sequence, outputs: list[torch.Tensor]) -> float:
         return self.ops_per_element * sum(y.numel() for y in outputs)
 
+    @property
+    def op_name(self) -> str:
+        """What it computes, for messages: a module's class, a function's or method's name."""
+        return _describe(self.fn)
+
     def extra_repr(self) -> str:
-        return f"{self.kind}: {_describe(self.fn)} at {self.where or '<root>'}"
+        return f"{self.kind}: {self.op_name} at {self.where or '<root>'}"
 
 
 class CompensatedNorm(CompensatedOp):

@@ -11,6 +11,10 @@ Counting conventions (those of the ANN-SNN conversion literature):
   rate is the fraction of its input elements that are nonzero (a spike, or an average of
   spikes after pooling). Layers fed by spikes perform accumulates (AC); a layer fed by the
   analog input (the first conv under direct encoding) performs MACs.
+- compensated operations (LayerNorm, softmax, gates, products of two signals, …; see
+  :mod:`qcfs_snntorch.compensation`) compute on running means, not on spikes: they are
+  counted as the multiply-accumulates they are, per kind, at every step (``f`` and the
+  running sums), and once per sample for the ANN (``f`` only).
 - energy: 4.6 pJ per MAC and 0.9 pJ per AC (45 nm, Horowitz 2014). An estimate for
   comparing the SNN with the ANN (every layer's MACs once), not a measurement; neuron
   updates and memory traffic are not counted.
@@ -24,6 +28,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .compensation import CompensatedOp, compensated_ops
 from .neurons import MultiStepNeuron
 from .neurons.base import usable_threshold
 from .tracing import LeafTracer, eval_mode, forward_hooks, qcfs_layers, spiking_neurons
@@ -60,6 +65,7 @@ def _count(snn: nn.Module, x: torch.Tensor, timesteps: int):
     names = {m: n for n, m in net.named_modules()}
     neuron_counts: dict[str, list[float]] = {}
     layer_counts: dict[str, list[float]] = {}
+    compensated_counts: dict[str, list[float]] = {}  # per compensated op: [SNN MACs, f's MACs per step]
     order: list[str | None] = []  # layers in execution order, None for a neuron: the untraceable fallback
 
     def on_neuron(module, inputs, output):
@@ -78,11 +84,27 @@ def _count(snn: nn.Module, x: torch.Tensor, timesteps: int):
         # MACs per output element = weight[0].numel() for conv (C_in/groups·kernel) and linear (in_features).
         c[2] = output[0].numel() * module.weight[0].numel()
 
+    def on_compensated(module: CompensatedOp, inputs, output):
+        c = compensated_counts.setdefault(names[module], [0.0, 0.0])
+        c[0] += module.macs(inputs, output)
+        c[1] += module.f_macs(inputs, [y for y in (output if isinstance(output, tuple) else [output])
+                                       if torch.is_floating_point(y)]) / module.timesteps
+
     pairs = [(m, on_neuron) for m in spiking_neurons(net)]
+    pairs += [(m, on_compensated) for m in compensated_ops(net)]
     pairs += [(m, on_layer) for m in net.modules() if isinstance(m, _WEIGHTED)]
     with eval_mode(snn), forward_hooks(pairs):
         snn(x, timesteps=timesteps)
-    return neuron_counts, layer_counts, order
+    return neuron_counts, layer_counts, compensated_counts, order
+
+
+def _compensated_rows(snn, counts: dict, batch: int, pj_per_mac: float) -> list[dict]:
+    rows = []
+    for name, (macs, f_macs) in counts.items():
+        op = snn.net.get_submodule(name)
+        rows.append({"name": name, "where": op.where, "kind": op.kind, "op": op.op_name, "macs": macs / batch,
+                     "ann_macs": f_macs / batch, "energy_uj": macs / batch * pj_per_mac * 1e-6})
+    return rows
 
 
 def _payload_bits(max_spikes: int) -> int:
@@ -111,11 +133,15 @@ def _layer_rows(snn, layer_counts: dict, analog: set, timesteps: int, pj_per_mac
     return rows
 
 
-def _totals(neurons: list[dict], layers: list[dict], timesteps: int, pj_per_mac: float) -> dict:
+def _totals(neurons: list[dict], layers: list[dict], compensated: list[dict], timesteps: int, pj_per_mac: float) -> dict:
     total_neurons = sum(n["neurons"] for n in neurons)
     events = sum(n["events"] for n in neurons)
-    snn_energy = sum(lay["energy_uj"] for lay in layers)
-    ann_macs = sum(lay["macs"] for lay in layers)
+    compensated_macs = sum(c["macs"] for c in compensated)
+    snn_energy = sum(lay["energy_uj"] for lay in layers) + sum(c["energy_uj"] for c in compensated)
+    ann_macs = sum(lay["macs"] for lay in layers) + sum(c["ann_macs"] for c in compensated)
+    by_kind: dict[str, float] = {}
+    for c in compensated:
+        by_kind[c["kind"]] = by_kind.get(c["kind"], 0.0) + c["macs"]
     ann_energy = ann_macs * pj_per_mac * 1e-6
     return {
         "neurons": total_neurons,
@@ -123,7 +149,9 @@ def _totals(neurons: list[dict], layers: list[dict], timesteps: int, pj_per_mac:
         "spikes": sum(n["spikes"] for n in neurons),
         "payload_bits": sum(n["payload_bits"] for n in neurons),
         "firing_rate": events / (total_neurons * timesteps) if total_neurons else 0.0,
-        "snn_macs": sum(lay["ops"] for lay in layers if lay["op"] == "MAC"),
+        "snn_macs": sum(lay["ops"] for lay in layers if lay["op"] == "MAC") + compensated_macs,
+        "compensated_macs": compensated_macs,
+        "compensated_macs_by_kind": by_kind,
         "snn_acs": sum(lay["ops"] for lay in layers if lay["op"] == "AC"),
         "snn_energy_uj": snn_energy,
         "ann_macs": ann_macs,
@@ -151,22 +179,27 @@ def spike_stats(
                     # firing_rate: events/neuron/step; spikes: Σk (= events for binary neurons)
          "layers":  [{"name", "type", "macs", "input_rate", "op", "ops", "energy_uj"}],
                     # macs: one step, one sample; op: "MAC" | "AC"; ops = input_rate·T·macs
-         "totals":  {"neurons", "events", "spikes", "payload_bits", "firing_rate", "snn_macs", "snn_acs",
+         "compensated": [{"name", "where", "kind", "op", "macs", "ann_macs", "energy_uj"}],
+                    # macs: all T steps (f and running sums); ann_macs: f once
+         "totals":  {"neurons", "events", "spikes", "payload_bits", "firing_rate", "snn_macs", "compensated_macs",
+                     "compensated_macs_by_kind", "snn_acs",
                      "snn_energy_uj", "ann_macs", "ann_energy_uj", "energy_ratio"},
          "energy_model": {"pj_per_mac", "pj_per_ac", "note"}}
     """
     analog = _analog_layers(snn.net)
-    neuron_counts, layer_counts, order = _count(snn, x, timesteps)
+    neuron_counts, layer_counts, compensated_counts, order = _count(snn, x, timesteps)
     if analog is None:  # no trace: a layer that ran before any neuron can only see the input
         analog = set(order[: order.index(None)] if None in order else order)
     neurons = _neuron_rows(snn, neuron_counts, timesteps, x.shape[0])
     layers = _layer_rows(snn, layer_counts, analog, timesteps, pj_per_mac, pj_per_ac)
+    compensated = _compensated_rows(snn, compensated_counts, x.shape[0], pj_per_mac)
     return {
         "timesteps": int(timesteps),
         "batch_size": int(x.shape[0]),
         "neurons": neurons,
         "layers": layers,
-        "totals": _totals(neurons, layers, timesteps, pj_per_mac),
+        "compensated": compensated,
+        "totals": _totals(neurons, layers, compensated, timesteps, pj_per_mac),
         "energy_model": {
             "pj_per_mac": pj_per_mac,
             "pj_per_ac": pj_per_ac,

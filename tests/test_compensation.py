@@ -266,3 +266,30 @@ def test_network_without_compensated_ops_is_left_as_is():
     model = create_model("resnet18", num_classes=10, layers=(1, 1, 1, 1), channels=(8, 8, 8, 8))
     snn = convert(model)
     assert not compensated_ops(snn.net) and type(snn.net).forward is type(model).forward
+
+
+# ---------------------------------------------------------------- cost and export
+
+
+def test_stats_count_compensated_ops_as_macs_per_kind():
+    from qcfs_snntorch.stats import spike_stats
+
+    snn = convert(_network("test_efficientnet")).eval()
+    stats = spike_stats(snn, torch.randn(2, 3, 32, 32), 4)
+    kinds = {row["kind"] for row in stats["compensated"]}
+    assert kinds == {"gate", "product"}, stats["compensated"]
+    totals = stats["totals"]
+    assert totals["compensated_macs"] > 0 and set(totals["compensated_macs_by_kind"]) == kinds
+    assert totals["compensated_macs"] == pytest.approx(sum(totals["compensated_macs_by_kind"].values()))
+    assert totals["snn_macs"] >= totals["compensated_macs"]
+    # every step costs at least f once: over T = 4 more than 4 × the ANN's cost of the same ops
+    assert all(row["macs"] > 4 * row["ann_macs"] > 0 for row in stats["compensated"])
+
+
+def test_nir_export_refuses_compensated_ops_by_name(tmp_path):
+    from qcfs_snntorch import ExportError, export_nir
+
+    snn = convert(Spiking(LayerNormBlock()))
+    with pytest.raises(ExportError, match=r"block\.norm \(norm: LayerNorm\)"):
+        export_nir(snn, tmp_path / "x.nir", torch.rand(1, 5, 8))
+    assert not (tmp_path / "x.nir").exists()

@@ -16,10 +16,12 @@ own, and when one of them reran, so does it.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 from accelerate.utils import set_seed
 
 from ..calibration import calibrate_potentials
+from ..compensation import compensated_ops
 from ..convert import convert, preferred_memory_format
 from ..export import export_nir
 from ..spiking import SpikingModel
@@ -138,7 +140,7 @@ class Convert(Stage):
         return bool(set(cfg.stages) & {"convert", "eval", "calibrate", "finetune", "export"})
 
     def fingerprint(self, cfg) -> dict:
-        return pick(cfg, ("snn.fold_bn", "snn.max_spikes", "finetune.learn_threshold", "finetune.surrogate",
+        return pick(cfg, ("snn.fold_bn", "snn.max_spikes", "snn.strict", "finetune.learn_threshold", "finetune.surrogate",
                           "finetune.surrogate_width", "model.checkpoint"))
 
     def _convert(self, ctx: RunContext) -> None:
@@ -146,7 +148,8 @@ class Convert(Stage):
         ctx.ann.eval()
         ctx.snn = convert(ctx.ann, fold_bn=cfg.snn.fold_bn, learn_threshold=cfg.finetune.learn_threshold,
                           surrogate=cfg.finetune.surrogate, surrogate_width=cfg.finetune.surrogate_width,
-                          chunk_size=cfg.snn.chunk_size, max_spikes=cfg.snn.max_spikes, verify=False).to(ctx.accelerator.device)
+                          chunk_size=cfg.snn.chunk_size, max_spikes=cfg.snn.max_spikes, strict=cfg.snn.strict,
+                          verify=False).to(ctx.accelerator.device)
 
     def run(self, ctx: RunContext) -> dict:
         parts = {}
@@ -156,8 +159,9 @@ class Convert(Stage):
             parts["ann"] = {**ctx.ann_accuracy, **_thresholds(ctx.ann)}
             ctx.log(f"[ANN] test top-1 {ctx.ann_accuracy['top1']:.4f}" + _val_text(ctx.ann_accuracy))
         self._convert(ctx)
+        compensated = Counter(op.kind for op in compensated_ops(ctx.snn.net))
         return {**parts, "convert": {"neurons": len(ctx.snn.neurons()), "fold_bn": ctx.cfg.snn.fold_bn,
-                                     "max_spikes": ctx.cfg.snn.max_spikes}}
+                                     "max_spikes": ctx.cfg.snn.max_spikes, "compensated": dict(compensated)}}
 
     def restore(self, ctx: RunContext) -> bool:
         if ctx.ann_accuracy is None:
