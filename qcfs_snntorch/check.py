@@ -451,7 +451,7 @@ def check(model_or_name, *, strict: bool = False, **create_kwargs) -> CheckRepor
         model, label = model_or_name, type(model_or_name).__name__
     problems, activations, untraced, notes = _scan(model)
     report = CheckReport(label, problems, activations, notes, untraced, strict=strict)
-    if strict:
+    if strict or not activations:  # no neuron at all: nothing to compensate around, today's refusals say what to replace
         return report
     try:
         sort = sort_graph(model)
