@@ -30,6 +30,7 @@ from torch import nn
 
 from .compensation import CompensatedOp, compensated_ops
 from .neurons import MultiStepNeuron
+from .qcfs import QCFS
 from .neurons.base import usable_threshold
 from .tracing import LeafTracer, eval_mode, forward_hooks, qcfs_layers, spiking_neurons
 
@@ -231,11 +232,25 @@ def conversion_error(ann: nn.Module, snn: nn.Module, x: torch.Tensor, timesteps:
     names = {m: n for n, m in snn.net.named_modules()}
     neurons = spiking_neurons(snn.net)
     if len(acts) != len(neurons):
-        raise ValueError(f"conversion_error: the ANN has {len(acts)} QCFS activations but the SNN has {len(neurons)} neurons")
+        # One QCFS called at several places became one neuron per call (its copies live apart, in
+        # ``call_sites``): pair by path, and leave out those whose ANN output is not one tensor.
+        by_path = dict(ann.named_modules())
+        pairs = [(by_path.get(names[n]), n) for n in neurons]
+        pairs = [(a, n) for a, n in pairs if isinstance(a, QCFS)]
+        if len(neurons) < len(acts) or {a for a, _ in pairs} != set(acts):
+            raise ValueError(f"conversion_error: the ANN has {len(acts)} QCFS activations but the SNN has {len(neurons)} neurons")
+        acts, neurons = [a for a, _ in pairs], [n for _, n in pairs]
     batch = x.shape[0]
     ann_out: dict[nn.Module, torch.Tensor] = {}
-    with eval_mode(ann), forward_hooks((m, lambda mod, i, o: ann_out.__setitem__(mod, o.float())) for m in acts):
+    calls: dict[nn.Module, int] = {}
+
+    def record(mod, inputs, out):
+        ann_out[mod], calls[mod] = out.float(), calls.get(mod, 0) + 1
+
+    with eval_mode(ann), forward_hooks((m, record) for m in acts):
         logits = ann(x).float()
+    kept = [(a, n) for a, n in zip(acts, neurons) if calls.get(a) == 1]
+    acts, neurons = [a for a, _ in kept], [n for _, n in kept]
 
     layers = [
         {"name": names[n], "neurons": int(ann_out[a][0].numel()), "ann_mean": ann_out[a].mean().item(), "mae": [], "relative": []}

@@ -293,3 +293,11 @@ def test_nir_export_refuses_compensated_ops_by_name(tmp_path):
     with pytest.raises(ExportError, match=r"block\.norm \(norm: LayerNorm\)"):
         export_nir(snn, tmp_path / "x.nir", torch.rand(1, 5, 8))
     assert not (tmp_path / "x.nir").exists()
+
+
+def test_conversion_error_with_one_neuron_per_call_site():
+    from qcfs_snntorch.stats import conversion_error
+
+    ann = SharedAct().eval()
+    errors = conversion_error(ann, convert(ann), torch.randn(2, 3, 8, 8), [1, 4])
+    assert errors["layers"] == [] and len(errors["output"]["mae"]) == 2  # the shared act is left out, no crash

@@ -77,11 +77,13 @@ class Check(Stage):
     name, outputs = "check", ("check",)
 
     def fingerprint(self, cfg) -> dict:
-        return architecture(cfg)
+        return {**architecture(cfg), **pick(cfg, ("snn.strict",))}
 
     def run(self, ctx: RunContext) -> dict:
-        ctx.log(ctx.verdict.summary())
-        return {"check": {"convertible": ctx.verdict.convertible, "problems": [str(p) for p in ctx.verdict.problems]}}
+        verdict = ctx.verdict
+        ctx.log(verdict.summary())
+        return {"check": {"convertible": verdict.convertible, "problems": [str(p) for p in verdict.problems],
+                          "counts": verdict.counts(), "compensated": [str(p) for p in verdict.compensated]}}
 
 
 def _thresholds(model) -> dict:
@@ -423,6 +425,11 @@ class Export(Stage):
 
     def run(self, ctx: RunContext) -> dict:
         path = ctx.run_dir.file("snn.nir")
+        ops = compensated_ops(ctx.snn.net)
+        if ops:  # NIR has no node for them: the run goes on, the report says why there is no file
+            reason = f"not written: {len(ops)} compensated operation(s) NIR cannot express (snn.strict=true refuses them)"
+            ctx.log(f"NIR graph {reason}: " + ", ".join(f"{op.where} ({op.kind})" for op in ops[:5]) + (" …" if len(ops) > 5 else ""))
+            return {"export": {"nir": None, "portable": reason}}
         portable = "not written"
         if ctx.accelerator.is_main_process:
             portable = export_nir(ctx.snn, path, ctx.statistics_batch()[:1], portable=ctx.cfg.snn.nir_portable).metadata["portable"]
