@@ -30,8 +30,8 @@ from torch import nn
 
 from .compensation import CompensatedOp, compensated_ops
 from .neurons import MultiStepNeuron
-from .qcfs import QCFS
 from .neurons.base import usable_threshold
+from .qcfs import QCFS
 from .tracing import LeafTracer, eval_mode, forward_hooks, qcfs_layers, spiking_neurons
 
 __all__ = ["PJ_PER_MAC", "PJ_PER_AC", "spike_stats", "conversion_error"]
