@@ -42,19 +42,23 @@ _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _analog_layers(net: nn.Module) -> set[str] | None:
-    """Names of weighted layers whose input does not depend on any neuron (None if untraceable)."""
+    """Names of weighted layers whose input does not depend on any neuron, or comes from a compensated op
+    (real values, not spikes: multiply-accumulates), None if untraceable."""
     try:
         graph = LeafTracer().trace(net)
     except Exception:
         return None
     modules = dict(net.named_modules())
     spiking: dict[torch.fx.Node, bool] = {}
+    compensated: dict[torch.fx.Node, bool] = {}  # carries a compensated op's output: real values, not spikes
     analog = set()
     for node in graph.nodes:
         fed_by_spikes = any(spiking.get(a, False) for a in node.all_input_nodes)
         module = modules.get(node.target) if node.op == "call_module" else None
-        spiking[node] = fed_by_spikes or isinstance(module, MultiStepNeuron)
-        if isinstance(module, _WEIGHTED) and not fed_by_spikes:
+        neuron = isinstance(module, MultiStepNeuron)
+        spiking[node] = fed_by_spikes or neuron
+        compensated[node] = not neuron and (isinstance(module, CompensatedOp) or any(compensated.get(a, False) for a in node.all_input_nodes))
+        if isinstance(module, _WEIGHTED) and (not fed_by_spikes or any(compensated.get(a, False) for a in node.all_input_nodes)):
             analog.add(node.target)
     return analog
 

@@ -284,6 +284,9 @@ def test_stats_count_compensated_ops_as_macs_per_kind():
     assert totals["snn_macs"] >= totals["compensated_macs"]
     # every step costs at least f once: over T = 4 more than 4 × the ANN's cost of the same ops
     assert all(row["macs"] > 4 * row["ann_macs"] > 0 for row in stats["compensated"])
+    ops = {row["name"]: row["op"] for row in stats["layers"]}
+    assert ops["blocks.3.0.conv_pwl"] == "MAC"  # fed by x·gate: real values, not spikes
+    assert ops["blocks.3.0.se.conv_expand"] == "AC"  # fed by the SE's own neuron
 
 
 def test_nir_export_refuses_compensated_ops_by_name(tmp_path):
