@@ -1,10 +1,20 @@
-"""check: can this network become an IF network, and if not, exactly where and why.
+"""check: how each operation of a network converts, and what cannot, exactly where and why.
 
-An IF layer rate-codes a non-negative, clipped, piecewise-linear function of a linear
-map of its inputs. Everything between neurons must therefore be linear in the spike
-rates (conv, linear, BN in eval mode, average pooling, add, concat, reshape). Max,
-products of two signals (gating, attention), per-sample normalisation and smooth
-non-linearities are not, and are refused by path.
+Every operation falls in one of four sorts:
+
+- **spiking**: a QCFS activation, which becomes an IF neuron;
+- **linear** in the spike rates: conv, linear, BN in eval mode, average pooling, add,
+  concat, reshape, products with parameters: they run on spikes as they are;
+- **compensated**: any other non-linear op after a neuron (LayerNorm/GroupNorm/RMSNorm,
+  softmax, sigmoid gates, unreplaced GELU/SiLU, max, products of two signals such as
+  attention): an IF neuron cannot compute it from a rate, so conversion wraps it in an
+  expectation-compensated op (:mod:`qcfs_snntorch.compensation`) that computes it on
+  the running means; :data:`COMPENSATION` says which kind handles which;
+- **refused**: what still cannot convert (a network that torch.fx cannot trace while it
+  needs compensated ops, an activation with λ ≤ 0), by path with its reason.
+
+``strict=True`` (``snn.strict=true``) wants a network of neurons only (hardware): every
+non-linear op that is not QCFS is refused, as before compensation existed.
 
 Two passes: every module is matched against class rules, and every module's *own*
 ``forward`` is traced with torch.fx (its submodules as leaves) to find functional ops
@@ -13,7 +23,12 @@ parameters or shapes (weight standardisation, ``x.shape[1] ** -0.5``) is constan
 Tracing one module at a time names the module that owns each op and survives modules
 that do not trace (data-dependent control flow): their source is scanned by name instead,
 and they are listed in ``CheckReport.untraced``. An activation module used at several
-places (or in a loop) is refused too: converted, the places would share one membrane.
+places (or in a loop) is refused in strict mode (converted, the places would share one
+membrane); otherwise conversion gives each call site its own neuron.
+
+Not strict, the sorting is done on the graph of the whole network (:func:`sort_graph`),
+which is what conversion rewrites: an op counts as compensated only where it runs after a
+neuron; the same ops before the first neuron run on the input as in the ANN (a note).
 """
 
 from __future__ import annotations
@@ -36,9 +51,18 @@ from .activations import activation_classes
 from .models import create_model
 from .neurons import MultiStepNeuron
 from .qcfs import QCFS
-from .tracing import MISSING, forward_function, has_own_forward, is_hashable, resolve_name, trace_own_forward
+from .tracing import (
+    MISSING,
+    LeafTracer,
+    eval_mode,
+    forward_function,
+    has_own_forward,
+    is_hashable,
+    resolve_name,
+    trace_own_forward,
+)
 
-__all__ = ["Problem", "CheckReport", "ConversionError", "check"]
+__all__ = ["COMPENSATION", "CheckReport", "ConversionError", "GraphSort", "Problem", "check", "module_kind", "node_kind", "sort_graph"]
 
 
 @dataclass(frozen=True)
@@ -55,24 +79,49 @@ class Problem:
 @dataclass
 class CheckReport:
     model: str
-    problems: list[Problem] = field(default_factory=list)
-    activations: int = 0
+    problems: list[Problem] = field(default_factory=list)  # refused
+    activations: int = 0  # spiking: QCFS activation modules
     notes: list[str] = field(default_factory=list)
     untraced: list[str] = field(default_factory=list)  # modules whose own forward fx could not trace
+    compensated: list[Problem] = field(default_factory=list)  # kind: the compensation kind (COMPENSATED_KINDS)
+    linear: int | None = None  # ops linear in the spike rates (None: the whole network was not traced)
+    strict: bool = False
 
     @property
     def convertible(self) -> bool:
         return not self.problems and self.activations > 0
 
-    def summary(self) -> str:
+    def counts(self) -> dict:
+        """How many operations of each sort (compensated also per kind)."""
+        return {"spiking": self.activations, "linear": self.linear, "compensated": len(self.compensated),
+                "compensated_kinds": dict(Counter(p.kind for p in self.compensated)), "refused": len(self.problems)}
+
+    def summary(self, limit: int = 40) -> str:
+        sorts = self._sorts()
         if self.convertible:
-            head = f"{self.model}: convertible ({self.activations} QCFS activations)"
+            head = f"{self.model}: convertible ({sorts})"
         elif not self.problems:
-            head = f"{self.model}: not convertible: no QCFS activation found (create it with qcfs_snntorch.create_model)"
+            head = (f"{self.model}: not convertible: no QCFS activation found (create it with qcfs_snntorch.create_model, "
+                    f"naming the network's activations: model.activations=[relu, gelu, silu])")
         else:
             head = f"{self.model}: not convertible, {len(self.problems)} problem(s):"
-        lines = [head, *(f"  - {p}" for p in self.problems), *(f"  note: {n}" for n in self.notes)]
+        lines = [head, *(f"  - {p}" for p in self.problems)]
+        if self.compensated:
+            lines.append("  compensated (run on the running means of their inputs; snn.strict=true refuses them):")
+            lines += [f"  ~ {p}" for p in self.compensated[:limit]]
+            if len(self.compensated) > limit:
+                lines.append(f"  ~ … and {len(self.compensated) - limit} more")
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+    def _sorts(self) -> str:
+        parts = [f"{self.activations} QCFS activations → spiking neurons"]
+        if self.compensated:
+            kinds = Counter(p.kind for p in self.compensated)
+            parts.append(f"{len(self.compensated)} compensated ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})")
+        if self.linear is not None:
+            parts.append(f"{self.linear} linear")
+        return ", ".join(parts)
 
 
 class ConversionError(ValueError):
@@ -95,6 +144,20 @@ REASONS = {
     "set λ from data (model.threshold_init=data)",
     "shared": "one activation module used at several places (or in a loop): converted, they would share one "
     "membrane; each call needs its own module (create_model does this where the calls are distinct in the source)",
+    "untraceable": "compensated operations need the whole network to trace with torch.fx (data-dependent control "
+    "flow does not); without them it would be a network of IF neurons only",
+}
+
+# Check kind → the compensation kind that computes it (not strict); a kind not here is refused.
+COMPENSATION = {"activation": "elementwise", "nonlinear": "elementwise", "gate": "gate", "max": "max", "norm": "norm",
+                "attention": "product"}
+# What the user reads for each compensation kind.
+COMPENSATED_REASONS = {
+    "norm": "normalisation of the running means (expectation compensation)",
+    "gate": "gate of the running mean (expectation compensation)",
+    "product": "product of the running means of its operands (expectation compensation)",
+    "max": "max of the running means (expectation compensation)",
+    "elementwise": "non-linear function of the running mean, left unreplaced (expectation compensation)",
 }
 
 _MODULE_RULES: list[tuple[tuple[type, ...], str]] = [
@@ -183,27 +246,117 @@ def _count_signal_operands(node: torch.fx.Node, dynamic: set[torch.fx.Node]) -> 
     return sum(a in dynamic for a in operands)
 
 
+def node_kind(node: torch.fx.Node, dynamic: set[torch.fx.Node]) -> tuple[str, str, str] | None:
+    """(check kind, compensation kind, op name) of a functional op on signals that is not linear, else None."""
+    if node not in dynamic:
+        return None  # arithmetic on parameters or shapes only (e.g. weight standardisation)
+    two_signals = _count_signal_operands(node, dynamic) >= 2
+    if node.op == "call_function":
+        op = getattr(node.target, "__name__", str(node.target))
+        nonlinear, bilinear = _NONLINEAR_FUNCTIONS.get(node.target), _BILINEAR_FUNCTIONS.get(node.target)
+    elif node.op == "call_method":
+        op = f".{node.target}()"
+        nonlinear, bilinear = _NONLINEAR_METHODS.get(node.target), _BILINEAR_METHODS.get(node.target)
+    else:
+        return None
+    if nonlinear:
+        return nonlinear, COMPENSATION.get(nonlinear, ""), op
+    if bilinear and two_signals:
+        return bilinear, "product", op
+    return None
+
+
+def module_kind(module: nn.Module) -> tuple[str, str] | None:
+    """(check kind, compensation kind) of a module the class rules name, else None."""
+    kind = next((kind for classes, kind in _MODULE_RULES if isinstance(module, classes)), None)
+    return (kind, COMPENSATION.get(kind, "")) if kind else None
+
+
 def _graph_problems(graph: torch.fx.Graph, where: str) -> list[Problem]:
     dynamic = _dynamic_nodes(graph)
     problems = []
     for node in graph.nodes:
-        if node not in dynamic:
-            continue  # arithmetic on parameters or shapes only (e.g. weight standardisation)
-        kind, op = None, None
-        two_signals = _count_signal_operands(node, dynamic) >= 2
-        if node.op == "call_function":
-            op = getattr(node.target, "__name__", str(node.target))
-            kind = _NONLINEAR_FUNCTIONS.get(node.target)
-            if kind is None and two_signals:
-                kind = _BILINEAR_FUNCTIONS.get(node.target)
-        elif node.op == "call_method":
-            op = f".{node.target}()"
-            kind = _NONLINEAR_METHODS.get(node.target)
-            if kind is None and two_signals:
-                kind = _BILINEAR_METHODS.get(node.target)
-        if kind:
-            problems.append(Problem(where, op, REASONS[kind], kind))
+        found = node_kind(node, dynamic)
+        if found:
+            problems.append(Problem(where, found[2], REASONS[found[0]], found[0]))
     return problems
+
+
+@dataclass
+class GraphSort:
+    """The whole network's graph with every node sorted (what :func:`check` reports and ``convert`` rewrites).
+
+    ``compensated``: (node, compensation kind, module path, op) for each non-linear op after a
+    neuron; ``call_sites``: each QCFS called more than once, with its call nodes;
+    ``before``: (module path, op) of non-linear ops before any neuron (they see the input).
+    """
+
+    graph: torch.fx.Graph
+    dynamic: set[torch.fx.Node]  # nodes whose value depends on the input (signals)
+    compensated: list[tuple[torch.fx.Node, str, str, str]]
+    call_sites: dict[str, list[torch.fx.Node]]
+    before: list[tuple[str, str]]
+    linear: int
+
+
+def _owner(node: torch.fx.Node) -> str:
+    """The module path a node belongs to (a call_module's own path; else the innermost module on the stack)."""
+    if node.op == "call_module":
+        return node.target
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1]
+    return path[0] if isinstance(path, tuple) else str(path)
+
+
+def _leaf_kind(module: nn.Module) -> tuple[str, str, str] | None:
+    """A leaf of the whole-network trace: its class rule, or (a timm no-trace module) the first
+    non-linear op of its own forward, which then makes the whole module one compensated op."""
+    found = module_kind(module)
+    if found:
+        return (*found, type(module).__name__)
+    if isinstance(module, (QCFS, MultiStepNeuron)) or not has_own_forward(module):
+        return None
+    try:
+        inner = _graph_problems(trace_own_forward(module), "")
+    except Exception:  # noqa: BLE001 - opaque: treat as non-linear to be safe
+        return "nonlinear", "elementwise", type(module).__name__
+    if not inner:
+        return None
+    return inner[0].kind, COMPENSATION.get(inner[0].kind, ""), type(module).__name__
+
+
+def sort_graph(model: nn.Module) -> GraphSort:
+    """Trace the whole network (QCFS as leaves) and sort its nodes; raises if it does not trace."""
+    with eval_mode(model, no_grad=False):  # the inference graph: dropout and drop-path off
+        graph = LeafTracer().trace(model)
+    modules = dict(model.named_modules())
+    dynamic = _dynamic_nodes(graph)
+    after: set[torch.fx.Node] = set()  # downstream of a QCFS
+    compensated, before, linear = [], [], 0
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for node in graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, (QCFS, MultiStepNeuron)):
+            calls.setdefault(node.target, []).append(node)
+            after.add(node)
+            continue
+        if any(a in after for a in node.all_input_nodes):
+            after.add(node)
+        if node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        found = _leaf_kind(module) if module is not None else node_kind(node, dynamic)
+        if module is not None and found and node not in dynamic:
+            found = None  # a module on parameters alone
+        if not found:
+            linear += node in dynamic  # shape arithmetic is not counted
+        elif node in after:
+            compensated.append((node, found[1], _owner(node), found[2]))
+        else:
+            before.append((_owner(node), found[2]))
+    shared = {target: nodes for target, nodes in calls.items() if len(nodes) > 1}
+    return GraphSort(graph, dynamic, compensated, shared, before, linear)
 
 
 def _scan(model: nn.Module) -> tuple[list[Problem], int, list[str], list[str]]:
@@ -281,12 +434,14 @@ def _source_problems(module: nn.Module, where: str, uses: dict, calls: Counter) 
     return problems
 
 
-def check(model_or_name, **create_kwargs) -> CheckReport:
-    """Report whether a model (or a timm name, built with :func:`create_model`) converts.
+def check(model_or_name, *, strict: bool = False, **create_kwargs) -> CheckReport:
+    """Report how a model (or a timm name, built with :func:`create_model`) converts.
 
-    Never raises for an unconvertible model: the report lists every offending module path
-    and operation with the reason. :func:`qcfs_snntorch.convert` raises
-    :class:`ConversionError` carrying the same report.
+    Never raises for an unconvertible model: the report sorts the operations (spiking,
+    linear, compensated, refused) and lists every refused module path and operation with
+    the reason. ``strict=True`` refuses every non-linear op that is not QCFS (a network of
+    neurons only). :func:`qcfs_snntorch.convert` raises :class:`ConversionError` carrying
+    the same report.
     """
     if isinstance(model_or_name, str):
         create_kwargs.setdefault("num_classes", 10)
@@ -295,4 +450,23 @@ def check(model_or_name, **create_kwargs) -> CheckReport:
     else:
         model, label = model_or_name, type(model_or_name).__name__
     problems, activations, untraced, notes = _scan(model)
-    return CheckReport(label, problems, activations, notes, untraced)
+    report = CheckReport(label, problems, activations, notes, untraced, strict=strict)
+    if strict or not activations:  # no neuron at all: nothing to compensate around, today's refusals say what to replace
+        return report
+    try:
+        sort = sort_graph(model)
+    except Exception as exc:  # noqa: BLE001 - data-dependent control flow etc.: today's refusals, with why
+        if any(p.kind in COMPENSATION or p.kind == "shared" for p in problems):
+            notes.append(f"the whole network does not trace with torch.fx ({type(exc).__name__}: {str(exc)[:200]}); "
+                         f"{REASONS['untraceable']}")
+        return report
+    report.problems = [p for p in problems if p.kind not in COMPENSATION and p.kind != "shared"]
+    report.compensated = [Problem(where, op, COMPENSATED_REASONS[kind], kind) for _, kind, where, op in sort.compensated]
+    report.linear = sort.linear
+    if sort.call_sites:
+        places = ", ".join(f"{t} ({len(n)} calls)" for t, n in sort.call_sites.items())
+        notes.append(f"activations called at several places get one neuron per call: {places}")
+    if sort.before:
+        ops = ", ".join(f"{w or '<root>'}: {op}" for w, op in sort.before[:5]) + (" …" if len(sort.before) > 5 else "")
+        notes.append(f"{len(sort.before)} non-linear op(s) before the first neuron run on the input as in the ANN: {ops}")
+    return report

@@ -112,6 +112,7 @@ class SNNConfig:
     stats_samples: int = setting(64, "test images (a seeded random sample) for statistics and per-layer conversion error")
     nir_portable: bool | None = setting(None, "snn.nir: only node types every NIR consumer maps (null: when that is exact)")
     max_spikes: int = setting(1, "spikes a neuron may send per step: 1 = binary IF; B > 1 = graded (QCFS at L = B·T)")
+    strict: bool = setting(False, "true: IF neurons only, refuse LayerNorm/gates/attention/… instead of compensating them")
     neuron: str = setting("if", "if: spikes of +θ only | signed: also −θ spikes that take back earlier ones (no NIR export)")
     early_exit: list[float] = setting([0.5, 0.7, 0.8, 0.9, 0.95, 0.99], "early-exit thresholds τ to report (empty: none)")
     early_exit_rule: str = setting("confidence", "confidence: max softmax of the mean output | margin: top-1 − top-2")
@@ -327,7 +328,7 @@ RULES: dict[str, callable] = {
     **{f"train.{k}": rule for k, rule in _OPTIM.items()},
     "train.levels_choices": _each(_POSITIVE),
     "snn.timesteps": _each(_POSITIVE, nonempty=True, example=", e.g. [1,2,4,8]"),
-    "snn.chunk_size": _optional(_POSITIVE), "snn.fold_bn": _anything,
+    "snn.chunk_size": _optional(_POSITIVE), "snn.fold_bn": _anything, "snn.strict": _anything,
     "snn.calibrate": _each(_choice(CALIBRATION_METHODS)), "snn.calibrate_timesteps": _each(_POSITIVE),
     "snn.calibrate_samples": _POSITIVE, "snn.stats_timesteps": _POSITIVE, "snn.stats_samples": _POSITIVE,
     "snn.nir_portable": _anything,

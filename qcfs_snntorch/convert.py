@@ -10,13 +10,14 @@ from timm.layers import BatchNormAct2d, is_notrace_module
 from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
-from .check import ConversionError, check
+from .check import ConversionError, GraphSort, check, sort_graph
+from .compensation import COMPENSATED_KINDS, TensorMethod
 from .neurons import NEURON_KINDS, MultiStepNeuron, make_neuron
 from .qcfs import QCFS
 from .spiking import SpikingModel
 from .tracing import LeafTracer
 
-__all__ = ["convert", "fold_batchnorm", "preferred_memory_format"]
+__all__ = ["compensate", "convert", "fold_batchnorm", "preferred_memory_format"]
 
 
 def _fuse(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -93,6 +94,96 @@ def fold_batchnorm(net: nn.Module) -> int:
     return folded
 
 
+def _compensate_if_traceable(net: nn.Module) -> None:
+    try:
+        sort = sort_graph(net)
+    except Exception:  # noqa: BLE001 - does not trace: check refused it if it needed compensation
+        return
+    compensate(net, sort)
+
+
+def _unique(name: str, taken: nn.ModuleDict) -> str:
+    base = "".join(c if c.isalnum() else "_" for c in name).strip("_") or "root"
+    key, i = base, 1
+    while key in taken:
+        i += 1
+        key = f"{base}_{i}"
+    return key
+
+
+def _free_attr(net: nn.Module, name: str) -> str:
+    while hasattr(net, name):
+        name += "_"
+    return name
+
+
+def compensate(net: nn.Module, sort: GraphSort | None = None) -> int:
+    """Rewrite ``net`` (in place) so that every non-linear op after a neuron is a compensated op
+    and every activation called at several places has one module per call; returns the number
+    of ops rewritten (0: the network is left exactly as it was).
+
+    The whole network is traced (:func:`~qcfs_snntorch.check.sort_graph`, in eval mode);
+    each op to compensate becomes a :mod:`~qcfs_snntorch.compensation` module in
+    ``net.compensated`` (a module op keeps its parameters where they are, shared by all its
+    call sites), each extra call of a shared QCFS a copy in ``net.call_sites``. The traced
+    graph becomes the network's ``forward`` (its class is kept, as a subclass), so module
+    paths and the state dict are those of the input plus the new modules.
+    """
+    sort = sort or sort_graph(net)
+    if not sort.compensated and not sort.call_sites:
+        return 0
+    graph, modules = sort.graph, dict(net.named_modules())
+    compensated, sites = nn.ModuleDict(), nn.ModuleDict()
+    for node, kind, where, op in sort.compensated:
+        fn = modules[node.target] if node.op == "call_module" else TensorMethod(node.target) if node.op == "call_method" else node.target
+        signals = [i for i, a in enumerate(node.args) if _is_signal(a, sort)]
+        signals += [k for k, a in node.kwargs.items() if _is_signal(a, sort)]
+        name = _unique(f"{where}_{op}", compensated)
+        compensated[name] = COMPENSATED_KINDS[kind](fn, signals, where)
+        _retarget(sort, node, f"{{}}.{name}")
+    for target, nodes in sort.call_sites.items():
+        for node in nodes[1:]:  # the first call keeps the module
+            name = _unique(f"{target}_call", sites)
+            sites[name] = copy.deepcopy(modules[target])
+            _retarget(sort, node, f"{{sites}}.{name}")
+    prefix = {"": _free_attr(net, "compensated"), "sites": _free_attr(net, "call_sites")}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target.startswith("{"):
+            node.target = node.target.replace("{}", prefix[""]).replace("{sites}", prefix["sites"])
+    if len(compensated):
+        net.add_module(prefix[""], compensated)
+    if len(sites):
+        net.add_module(prefix["sites"], sites)
+    _install_forward(net, graph)
+    return len(sort.compensated) + sum(len(n) - 1 for n in sort.call_sites.values())
+
+
+def _is_signal(arg, sort: GraphSort) -> bool:
+    return isinstance(arg, torch.fx.Node) and arg in sort.dynamic
+
+
+def _retarget(sort: GraphSort, node: torch.fx.Node, target: str) -> None:
+    """Make ``node`` a call of the module at ``target`` with the same arguments (a signal stays one)."""
+    with sort.graph.inserting_after(node):
+        new = sort.graph.call_module(target, node.args, node.kwargs)
+    new.meta = dict(node.meta)
+    if node in sort.dynamic:
+        sort.dynamic.add(new)
+    node.replace_all_uses_with(new)
+    sort.graph.erase_node(node)
+
+
+def _install_forward(net: nn.Module, graph: torch.fx.Graph) -> None:
+    """Give ``net`` the graph's code as its forward (a subclass of its class, as create_model's rewrites do)."""
+    graph.lint()
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, f"<compensated forward of {type(net).__name__}>", "exec"), namespace)
+    cls = type(net)
+    net.__class__ = type(cls.__name__, (cls,), {"forward": namespace["forward"], "__module__": cls.__module__})
+    net.__dict__.pop("forward", None)  # a forward chosen per instance would hide the new one
+
+
 def preferred_memory_format(model: nn.Module) -> torch.memory_format:
     """The layout a network runs fastest in: channels-last where it has 2-D convolutions, else PyTorch's default.
 
@@ -118,6 +209,7 @@ def convert(
     neuron: str = "if",
     verify: bool = True,
     memory_format: torch.memory_format | str | None = "auto",
+    strict: bool = False,
 ) -> SpikingModel:
     """Convert a network with QCFS activations into a :class:`SpikingModel`.
 
@@ -137,6 +229,8 @@ def convert(
             (spikes of +θ only) or ``"signed"`` (:class:`~qcfs_snntorch.neurons.SignedIFNeuron`: also
             −θ spikes that take back earlier ones; binary or graded by ``max_spikes`` alike).
         verify: run :func:`~qcfs_snntorch.check` first (skip it only for a model already checked).
+        strict: a network of IF neurons only: refuse every non-linear op that is not QCFS
+            (LayerNorm, gates, attention, …) instead of compensating it (see :func:`compensate`).
         memory_format: the layout of the SNN's weights (and so of its activations): ``"auto"``
             picks :func:`preferred_memory_format` (channels-last for 2-D conv networks); a
             ``torch.memory_format`` forces one; ``None`` keeps the model's. The function
@@ -150,12 +244,14 @@ def convert(
     if neuron not in NEURON_KINDS:
         raise ValueError(f"unknown neuron {neuron!r}; valid: {', '.join(NEURON_KINDS)}")
     if verify:
-        report = check(model)
+        report = check(model, strict=strict)
         if not report.convertible:
             raise ConversionError(report)
     net = copy.deepcopy(model)
     if fold_bn:
         fold_batchnorm(net)
+    if not strict and not isinstance(net, QCFS):
+        _compensate_if_traceable(net)
 
     def neuron_for(act: QCFS) -> MultiStepNeuron:
         common = dict(shift=act.shift, learn_threshold=learn_threshold, surrogate=surrogate, surrogate_width=surrogate_width)

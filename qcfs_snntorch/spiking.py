@@ -7,8 +7,10 @@ Two ways in:
 - streaming: ``snn.reset()`` then ``snn.step(x_t)`` per step, one output per call.
 
 Internally a call folds time into the batch (see :mod:`qcfs_snntorch.neurons.base`):
-stateless layers run once on ``[T·B, …]`` and each neuron loops over T. ``chunk_size``
-steps at a time, so memory does not grow with T.
+stateless layers run once on ``[T·B, …]``, each neuron loops over T and each compensated
+operation (:mod:`qcfs_snntorch.compensation`) takes a running mean over T with one
+``cumsum``. ``chunk_size`` steps at a time, so memory does not grow with T; neurons and
+compensated operations carry their state between chunks and ``step`` calls.
 
 Static input: whatever the network computes from the input before any neuron (the stem
 conv + BN) is the same at every step, so it runs once on ``[B, …]`` and is broadcast over
@@ -30,7 +32,7 @@ from torch import nn
 
 from .early_exit import exit_scores
 from .neurons import MultiStepNeuron
-from .tracing import LeafTracer, spiking_neurons
+from .tracing import LeafTracer, spiking_neurons, stateful_modules
 
 __all__ = ["SpikingModel"]
 
@@ -160,9 +162,9 @@ class SpikingModel(nn.Module):
         return spiking_neurons(self.net)
 
     def reset(self) -> None:
-        """Reset every neuron to its initial potential (start of a new sample)."""
-        for neuron in self.neurons():
-            neuron.reset_state()
+        """Reset every neuron to its initial potential and every compensated op's running sums (a new sample)."""
+        for module in stateful_modules(self.net):
+            module.reset_state()
 
     def _split(self) -> _StaticSplit | None:
         key = tuple((id(m), m.training) for m in self.net.modules())
@@ -172,8 +174,8 @@ class SpikingModel(nn.Module):
         return self._split_cache[1]
 
     def _run(self, module: nn.Module, folded: list[torch.Tensor], steps: int) -> torch.Tensor:
-        for neuron in self.neurons():
-            neuron.timesteps = steps
+        for stateful in stateful_modules(self.net):
+            stateful.timesteps = steps
         out = module(*folded)
         return out.reshape(steps, out.shape[0] // steps, *out.shape[1:])
 
@@ -263,7 +265,7 @@ class SpikingModel(nn.Module):
             active = active[~stop]
             if not len(active):
                 break
-            for neuron in self.neurons():
-                neuron.keep(~stop)
+            for stateful in stateful_modules(self.net):
+                stateful.keep(~stop)
         self.reset()
         return means.argmax(-1), steps, means

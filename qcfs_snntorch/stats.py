@@ -13,6 +13,10 @@ Counting conventions (those of the ANN-SNN conversion literature):
   rate is the fraction of its input elements that are nonzero (a spike, or an average of
   spikes after pooling). Layers fed by spikes perform accumulates (AC); a layer fed by the
   analog input (the first conv under direct encoding) performs MACs.
+- compensated operations (LayerNorm, softmax, gates, products of two signals, …; see
+  :mod:`qcfs_snntorch.compensation`) compute on running means, not on spikes: they are
+  counted as the multiply-accumulates they are, per kind, at every step (``f`` and the
+  running sums), and once per sample for the ANN (``f`` only).
 - energy: 4.6 pJ per MAC and 0.9 pJ per AC (45 nm, Horowitz 2014). An estimate for
   comparing the SNN with the ANN (every layer's MACs once), not a measurement; neuron
   updates and memory traffic are not counted.
@@ -26,9 +30,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .compensation import CompensatedOp, compensated_ops
 from .neurons import MultiStepNeuron
 from .neurons.base import usable_threshold
 from .progress import Progress
+from .qcfs import QCFS
 from .tracing import LeafTracer, eval_mode, forward_hooks, qcfs_layers, spiking_neurons
 
 __all__ = ["PJ_PER_MAC", "PJ_PER_AC", "spike_stats", "conversion_error"]
@@ -39,19 +45,23 @@ _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def _analog_layers(net: nn.Module) -> set[str] | None:
-    """Names of weighted layers whose input does not depend on any neuron (None if untraceable)."""
+    """Names of weighted layers whose input does not depend on any neuron, or comes from a compensated op
+    (real values, not spikes: multiply-accumulates), None if untraceable."""
     try:
         graph = LeafTracer().trace(net)
     except Exception:
         return None
     modules = dict(net.named_modules())
     spiking: dict[torch.fx.Node, bool] = {}
+    compensated: dict[torch.fx.Node, bool] = {}  # carries a compensated op's output: real values, not spikes
     analog = set()
     for node in graph.nodes:
         fed_by_spikes = any(spiking.get(a, False) for a in node.all_input_nodes)
         module = modules.get(node.target) if node.op == "call_module" else None
-        spiking[node] = fed_by_spikes or isinstance(module, MultiStepNeuron)
-        if isinstance(module, _WEIGHTED) and not fed_by_spikes:
+        neuron = isinstance(module, MultiStepNeuron)
+        spiking[node] = fed_by_spikes or neuron
+        compensated[node] = not neuron and (isinstance(module, CompensatedOp) or any(compensated.get(a, False) for a in node.all_input_nodes))
+        if isinstance(module, _WEIGHTED) and (not fed_by_spikes or any(compensated.get(a, False) for a in node.all_input_nodes)):
             analog.add(node.target)
     return analog
 
@@ -63,6 +73,7 @@ def _count(snn: nn.Module, x: torch.Tensor, timesteps: int):
     names = {m: n for n, m in net.named_modules()}
     neuron_counts: dict[str, list[float]] = {}
     layer_counts: dict[str, list[float]] = {}
+    compensated_counts: dict[str, list[float]] = {}  # per compensated op: [SNN MACs, f's MACs per step]
     order: list[str | None] = []  # layers in execution order, None for a neuron: the untraceable fallback
 
     def on_neuron(module, inputs, output):
@@ -82,11 +93,27 @@ def _count(snn: nn.Module, x: torch.Tensor, timesteps: int):
         # MACs per output element = weight[0].numel() for conv (C_in/groups·kernel) and linear (in_features).
         c[2] = output[0].numel() * module.weight[0].numel()
 
+    def on_compensated(module: CompensatedOp, inputs, output):
+        c = compensated_counts.setdefault(names[module], [0.0, 0.0])
+        c[0] += module.macs(inputs, output)
+        c[1] += module.f_macs(inputs, [y for y in (output if isinstance(output, tuple) else [output])
+                                       if torch.is_floating_point(y)]) / module.timesteps
+
     pairs = [(m, on_neuron) for m in spiking_neurons(net)]
+    pairs += [(m, on_compensated) for m in compensated_ops(net)]
     pairs += [(m, on_layer) for m in net.modules() if isinstance(m, _WEIGHTED)]
     with eval_mode(snn), forward_hooks(pairs):
         snn(x, timesteps=timesteps)
-    return neuron_counts, layer_counts, order
+    return neuron_counts, layer_counts, compensated_counts, order
+
+
+def _compensated_rows(snn, counts: dict, batch: int, pj_per_mac: float) -> list[dict]:
+    rows = []
+    for name, (macs, f_macs) in counts.items():
+        op = snn.net.get_submodule(name)
+        rows.append({"name": name, "where": op.where, "kind": op.kind, "op": op.op_name, "macs": macs / batch,
+                     "ann_macs": f_macs / batch, "energy_uj": macs / batch * pj_per_mac * 1e-6})
+    return rows
 
 
 def _payload_bits(max_spikes: int, signed: bool = False) -> int:
@@ -119,11 +146,15 @@ def _layer_rows(snn, layer_counts: dict, analog: set, timesteps: int, pj_per_mac
     return rows
 
 
-def _totals(neurons: list[dict], layers: list[dict], timesteps: int, pj_per_mac: float) -> dict:
+def _totals(neurons: list[dict], layers: list[dict], compensated: list[dict], timesteps: int, pj_per_mac: float) -> dict:
     total_neurons = sum(n["neurons"] for n in neurons)
     events = sum(n["events"] for n in neurons)
-    snn_energy = sum(lay["energy_uj"] for lay in layers)
-    ann_macs = sum(lay["macs"] for lay in layers)
+    compensated_macs = sum(c["macs"] for c in compensated)
+    snn_energy = sum(lay["energy_uj"] for lay in layers) + sum(c["energy_uj"] for c in compensated)
+    ann_macs = sum(lay["macs"] for lay in layers) + sum(c["ann_macs"] for c in compensated)
+    by_kind: dict[str, float] = {}
+    for c in compensated:
+        by_kind[c["kind"]] = by_kind.get(c["kind"], 0.0) + c["macs"]
     ann_energy = ann_macs * pj_per_mac * 1e-6
     return {
         "neurons": total_neurons,
@@ -133,7 +164,9 @@ def _totals(neurons: list[dict], layers: list[dict], timesteps: int, pj_per_mac:
         "spikes": sum(n["spikes"] for n in neurons),
         "payload_bits": sum(n["payload_bits"] for n in neurons),
         "firing_rate": events / (total_neurons * timesteps) if total_neurons else 0.0,
-        "snn_macs": sum(lay["ops"] for lay in layers if lay["op"] == "MAC"),
+        "snn_macs": sum(lay["ops"] for lay in layers if lay["op"] == "MAC") + compensated_macs,
+        "compensated_macs": compensated_macs,
+        "compensated_macs_by_kind": by_kind,
         "snn_acs": sum(lay["ops"] for lay in layers if lay["op"] == "AC"),
         "snn_energy_uj": snn_energy,
         "ann_macs": ann_macs,
@@ -163,22 +196,27 @@ def spike_stats(
                     # firing_rate: events/neuron/step; spikes: Σk, net of negative spikes (= events for binary IF)
          "layers":  [{"name", "type", "macs", "input_rate", "op", "ops", "energy_uj"}],
                     # macs: one step, one sample; op: "MAC" | "AC"; ops = input_rate·T·macs
-         "totals":  {"neurons", "events", "positive_events", "negative_events", "spikes", "payload_bits", "firing_rate", "snn_macs", "snn_acs",
+         "compensated": [{"name", "where", "kind", "op", "macs", "ann_macs", "energy_uj"}],
+                    # macs: all T steps (f and running sums); ann_macs: f once
+         "totals":  {"neurons", "events", "positive_events", "negative_events", "spikes", "payload_bits", "firing_rate",
+                     "snn_macs", "compensated_macs", "compensated_macs_by_kind", "snn_acs",
                      "snn_energy_uj", "ann_macs", "ann_energy_uj", "energy_ratio"},
          "energy_model": {"pj_per_mac", "pj_per_ac", "note"}}
     """
     analog = _analog_layers(snn.net)
-    neuron_counts, layer_counts, order = _count(snn, x, timesteps)
+    neuron_counts, layer_counts, compensated_counts, order = _count(snn, x, timesteps)
     if analog is None:  # no trace: a layer that ran before any neuron can only see the input
         analog = set(order[: order.index(None)] if None in order else order)
     neurons = _neuron_rows(snn, neuron_counts, timesteps, x.shape[0])
     layers = _layer_rows(snn, layer_counts, analog, timesteps, pj_per_mac, pj_per_ac)
+    compensated = _compensated_rows(snn, compensated_counts, x.shape[0], pj_per_mac)
     return {
         "timesteps": int(timesteps),
         "batch_size": int(x.shape[0]),
         "neurons": neurons,
         "layers": layers,
-        "totals": _totals(neurons, layers, timesteps, pj_per_mac),
+        "compensated": compensated,
+        "totals": _totals(neurons, layers, compensated, timesteps, pj_per_mac),
         "energy_model": {
             "pj_per_mac": pj_per_mac,
             "pj_per_ac": pj_per_ac,
@@ -210,11 +248,25 @@ def conversion_error(ann: nn.Module, snn: nn.Module, x: torch.Tensor, timesteps:
     names = {m: n for n, m in snn.net.named_modules()}
     neurons = spiking_neurons(snn.net)
     if len(acts) != len(neurons):
-        raise ValueError(f"conversion_error: the ANN has {len(acts)} QCFS activations but the SNN has {len(neurons)} neurons")
+        # One QCFS called at several places became one neuron per call (its copies live apart, in
+        # ``call_sites``): pair by path, and leave out those whose ANN output is not one tensor.
+        by_path = dict(ann.named_modules())
+        pairs = [(by_path.get(names[n]), n) for n in neurons]
+        pairs = [(a, n) for a, n in pairs if isinstance(a, QCFS)]
+        if len(neurons) < len(acts) or {a for a, _ in pairs} != set(acts):
+            raise ValueError(f"conversion_error: the ANN has {len(acts)} QCFS activations but the SNN has {len(neurons)} neurons")
+        acts, neurons = [a for a, _ in pairs], [n for _, n in pairs]
     batch = x.shape[0]
     ann_out: dict[nn.Module, torch.Tensor] = {}
-    with eval_mode(ann), forward_hooks((m, lambda mod, i, o: ann_out.__setitem__(mod, o.float())) for m in acts):
+    calls: dict[nn.Module, int] = {}
+
+    def record(mod, inputs, out):
+        ann_out[mod], calls[mod] = out.float(), calls.get(mod, 0) + 1
+
+    with eval_mode(ann), forward_hooks((m, record) for m in acts):
         logits = ann(x).float()
+    kept = [(a, n) for a, n in zip(acts, neurons) if calls.get(a) == 1]
+    acts, neurons = [a for a, _ in kept], [n for _, n in kept]
 
     layers = [
         {"name": names[n], "neurons": int(ann_out[a][0].numel()), "ann_mean": ann_out[a].mean().item(), "mae": [], "relative": []}

@@ -20,6 +20,7 @@ import torch.fx
 from timm.layers import get_notrace_functions, is_notrace_module
 from torch import nn
 
+from .compensation import CompensatedOp
 from .neurons import MultiStepNeuron
 from .qcfs import QCFS
 
@@ -36,6 +37,7 @@ __all__ = [
     "qcfs_layers",
     "resolve_name",
     "spiking_neurons",
+    "stateful_modules",
     "trace_own_forward",
 ]
 
@@ -48,6 +50,11 @@ def qcfs_layers(model: nn.Module) -> list[QCFS]:
 def spiking_neurons(model: nn.Module) -> list[MultiStepNeuron]:
     """The SNN's neurons, in module order (paired one to one with the ANN's :func:`qcfs_layers`)."""
     return [m for m in model.modules() if isinstance(m, MultiStepNeuron)]
+
+
+def stateful_modules(model: nn.Module) -> list[MultiStepNeuron | CompensatedOp]:
+    """What carries state over time steps: the neurons and the compensated operations, in module order."""
+    return [m for m in model.modules() if isinstance(m, (MultiStepNeuron, CompensatedOp))]
 
 
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -95,7 +102,7 @@ class LeafTracer(torch.fx.Tracer):
         super().__init__(autowrap_functions=tuple(get_notrace_functions()))
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (QCFS, MultiStepNeuron)):
+        if isinstance(m, (QCFS, MultiStepNeuron, CompensatedOp)):
             return True
         if is_notrace_module(type(m)):
             return not any(isinstance(sub, (QCFS, MultiStepNeuron)) for sub in m.modules())
@@ -111,7 +118,7 @@ class ShallowTracer(torch.fx.Tracer):
 
 def has_own_forward(module: nn.Module) -> bool:
     """True if the module's forward is code outside torch.nn (its ops are not covered by class rules)."""
-    if isinstance(module, (QCFS, MultiStepNeuron)):
+    if isinstance(module, (QCFS, MultiStepNeuron, CompensatedOp)):
         return False
     return not type(module).__module__.startswith("torch.nn")
 

@@ -24,8 +24,8 @@ def test_convertible_resnet():
     assert report.convertible and report.activations == 12 and not report.problems
 
 
-def test_seresnet_gating_refused_at_se_paths():
-    report = check("seresnet18", layers=(1, 1, 1, 1), channels=(8, 8, 8, 8))
+def test_seresnet_gating_refused_at_se_paths():  # strict: a network of neurons only, as before compensation
+    report = check("seresnet18", layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), strict=True)
     assert not report.convertible
     gates = _paths(report, "gate")
     for block in ("layer1.0", "layer2.0", "layer3.0", "layer4.0"):
@@ -35,15 +35,15 @@ def test_seresnet_gating_refused_at_se_paths():
 
 
 def test_vit_refused_for_layernorm_and_attention():
-    report = check("test_vit")
+    report = check("test_vit", strict=True)
     assert "blocks.0.norm1" in _paths(report, "norm") and "norm" in _paths(report, "norm")
     assert "forward of blocks.0.attn" in _paths(report, "attention")
     assert "blocks.0.mlp.act" in _paths(report, "activation")  # GELU not requested
-    assert "blocks.0.mlp.act" not in _paths(check("test_vit", activations=("gelu",)), "activation")
+    assert "blocks.0.mlp.act" not in _paths(check("test_vit", activations=("gelu",), strict=True), "activation")
 
 
 def test_efficientnet_with_silu_replaced_still_refused_for_se():
-    report = check("efficientnet_b0", activations=("relu", "silu"))
+    report = check("efficientnet_b0", activations=("relu", "silu"), strict=True)
     assert not _paths(report, "activation"), report.summary()
     gates = _paths(report, "gate")
     assert gates and all(".se" in path for path in gates), gates
@@ -52,7 +52,7 @@ def test_efficientnet_with_silu_replaced_still_refused_for_se():
 
 def test_maxpool_left_in_model_refused():
     model, _ = replace_activations(timm.create_model("test_resnet", num_classes=10))
-    report = check(model)
+    report = check(model, strict=True)
     assert _paths(report, "max") == {"maxpool"}
     assert "use average pooling" in report.summary()
 
@@ -66,7 +66,7 @@ def test_functional_maxpool_refused():
         def forward(self, x):
             return torch.nn.functional.max_pool2d(self.act(self.conv(x)), 2)
 
-    report = check(Net())
+    report = check(Net(), strict=True)
     assert [(p.path, p.op, p.kind) for p in report.problems] == [("forward", "max_pool2d", "max")]
 
 
@@ -79,7 +79,7 @@ def test_shared_activation_refused():
         def forward(self, x):
             return self.act(self.conv2(self.act(self.conv1(x))))
 
-    report = check(Net())
+    report = check(Net(), strict=True)
     assert _paths(report, "shared") == {"act"}
 
 
@@ -107,7 +107,7 @@ def test_no_qcfs_is_not_convertible():
 def test_convert_raises_conversion_error_with_report():
     model = create_model("seresnet18", num_classes=10, layers=(1, 1, 1, 1), channels=(8, 8, 8, 8))
     with pytest.raises(ConversionError, match="layer1.0.se.gate") as info:
-        convert(model)
+        convert(model, strict=True)
     assert not info.value.report.convertible
 
 

@@ -95,7 +95,7 @@ INVALID = {
     "data.num_workers": "-1", "data.download": None, "data.autoaugment": None, "data.cutout": "-1",
     "data.val_split": "1.0", "data.split_seed": "-1", "data.train_subset": "0", "data.eval_subset": "0", "data.in_memory": None,
     "train.levels_choices": "[0]",
-    "snn.timesteps": "[0]", "snn.chunk_size": "0", "snn.fold_bn": None, "snn.calibrate": "[pixel]",
+    "snn.timesteps": "[0]", "snn.chunk_size": "0", "snn.fold_bn": None, "snn.strict": None, "snn.calibrate": "[pixel]",
     "snn.calibrate_timesteps": "[0]", "snn.calibrate_samples": "0", "snn.stats_timesteps": "0", "snn.stats_samples": "0",
     "snn.nir_portable": None,
     "snn.max_spikes": "0", "snn.neuron": "bipolar", "snn.early_exit": "[1.5]", "snn.early_exit_rule": "entropy", "snn.early_exit_reference": "0",

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..compensation import compensated_ops
 from ..convert import fold_batchnorm
 from ..neurons import GradedIFNeuron, IFNeuron, MultiStepNeuron
 from ..progress import track
@@ -604,6 +605,9 @@ def export_nir(snn: nn.Module, path: str | Path, sample_input: torch.Tensor, *, 
     if not 0 < threshold_factor <= 1:
         raise ValueError(f"export_nir: threshold_factor must be in (0, 1], got {threshold_factor!r}")
     _refuse_signed(snn)
+    compensated = compensated_ops(getattr(snn, "net", snn))
+    if compensated:
+        raise ExportError(_compensated_message(compensated))
     net, graph = _traced(snn, sample_input)
     why_not = "asked for with portable=False"
     exporter = None
@@ -631,6 +635,14 @@ def export_nir(snn: nn.Module, path: str | Path, sample_input: torch.Tensor, *, 
     result = nir.NIRGraph(nodes=exporter.nodes, edges=exporter.edges, metadata=metadata, type_check=True)
     _write(path, result, exporter.portable)
     return result
+
+
+def _compensated_message(ops: list) -> str:
+    where = ", ".join(f"{op.where or '<root>'} ({op.kind}: {op.op_name})" for op in ops[:8])
+    more = f" and {len(ops) - 8} more" if len(ops) > 8 else ""
+    return (f"export_nir: the network has {len(ops)} compensated operation(s), which NIR has no node for: {where}{more}. "
+            "They compute a non-linear function of running means (LayerNorm, gates, attention, …), not IF dynamics; "
+            "convert with strict=True (snn.strict=true) to find a network of IF neurons only, or export a network without them")
 
 
 def _write(path: str | Path, graph: nir.NIRGraph, portable: bool) -> None:

@@ -45,12 +45,12 @@ EARLY_EXIT = ("snn.early_exit", "snn.early_exit_rule", "snn.early_exit_reference
 
 NEEDS: dict[str, Needs] = {
     # The conversion verdict is a function of the network's layers (classes and channels from the data).
-    "check": Needs(keys=("model.name", "model.levels", "model.activations", "model.cifar_stem", "model.kwargs",
+    "check": Needs(keys=("model.name", "model.levels", "model.activations", "model.cifar_stem", "model.kwargs", "snn.strict",
                          "data.name", "data.root")),
     "train": Needs(keys=(*ANN_SOURCE, "train", "mixed_precision"), report=("data.eval_subset",)),
     # Without a train stage the ANN is the model.* one (checkpoint, pretrained weights, λ from data): ANN_SOURCE.
     # finetune.surrogate / learn_threshold shape only gradients (same forward, same state dict): finetune's.
-    "convert": Needs(keys=(*ANN_SOURCE, "snn.fold_bn", "snn.max_spikes", "snn.neuron", "mixed_precision"),
+    "convert": Needs(keys=(*ANN_SOURCE, "snn.fold_bn", "snn.max_spikes", "snn.neuron", "snn.strict", "mixed_precision"),
                      report=("data.eval_subset",), after=("train",)),
     # Measurements only (no training, no choice that a later stage reads).
     "eval": Needs(keys=(*IMAGES, "data.eval_subset", "seed", "mixed_precision", "snn.timesteps", "snn.stats_timesteps",

@@ -58,12 +58,12 @@ def preflight(cfg: RunConfig, ann, data: DataSplits):
     stages = set(cfg.stages)
     if not (stages & SPIKING_STAGES or "check" in stages):
         return None
-    verdict = check(ann)
+    verdict = check(ann, strict=cfg.snn.strict)
     if stages & SPIKING_STAGES and not verdict.convertible:
         raise ConversionError(verdict)
-    if "export" in stages:  # exportability depends on the architecture only: find out now, not after training
+    if "export" in stages and not verdict.compensated:  # exportability depends on the architecture only: find out now
         with tempfile.TemporaryDirectory() as scratch:
-            probe = convert(ann, max_spikes=cfg.snn.max_spikes, neuron=cfg.snn.neuron, verify=False)
+            probe = convert(ann, max_spikes=cfg.snn.max_spikes, neuron=cfg.snn.neuron, strict=cfg.snn.strict, verify=False)
             export_nir(probe, Path(scratch) / "probe.nir", data.test[0][0].unsqueeze(0), portable=cfg.snn.nir_portable)
     return verdict
 

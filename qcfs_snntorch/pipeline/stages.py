@@ -18,10 +18,12 @@ settings (:meth:`.context.RunContext.checkpoints`).
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 from accelerate.utils import set_seed
 
 from ..calibration import calibrate_potentials
+from ..compensation import compensated_ops
 from ..convert import convert, preferred_memory_format
 from ..export import export_nir
 from ..spiking import SpikingModel
@@ -71,8 +73,10 @@ class Check(Stage):
 
 
     def run(self, ctx: RunContext) -> dict:
-        ctx.log(ctx.verdict.summary())
-        return {"check": {"convertible": ctx.verdict.convertible, "problems": [str(p) for p in ctx.verdict.problems]}}
+        verdict = ctx.verdict
+        ctx.log(verdict.summary())
+        return {"check": {"convertible": verdict.convertible, "problems": [str(p) for p in verdict.problems],
+                          "counts": verdict.counts(), "compensated": [str(p) for p in verdict.compensated]}}
 
 
 def _thresholds(model) -> dict:
@@ -136,6 +140,7 @@ class Convert(Stage):
         ctx.snn = convert(ctx.ann, fold_bn=cfg.snn.fold_bn, learn_threshold=cfg.finetune.learn_threshold,
                           surrogate=cfg.finetune.surrogate, surrogate_width=cfg.finetune.surrogate_width,
                           chunk_size=cfg.snn.chunk_size, max_spikes=cfg.snn.max_spikes, neuron=cfg.snn.neuron,
+                          strict=cfg.snn.strict,
                           verify=False).to(ctx.accelerator.device)
 
     def run(self, ctx: RunContext) -> dict:
@@ -147,8 +152,10 @@ class Convert(Stage):
             parts["ann"] = {**ctx.ann_accuracy, **_thresholds(ctx.ann)}
             ctx.log(f"[ANN] test top-1 {ctx.ann_accuracy['top1']:.4f}" + _val_text(ctx.ann_accuracy))
         self._convert(ctx)
+        compensated = Counter(op.kind for op in compensated_ops(ctx.snn.net))
         return {**parts, "convert": {"neurons": len(ctx.snn.neurons()), "fold_bn": ctx.cfg.snn.fold_bn,
-                                     "max_spikes": ctx.cfg.snn.max_spikes, "neuron": ctx.cfg.snn.neuron}}
+                                     "max_spikes": ctx.cfg.snn.max_spikes, "neuron": ctx.cfg.snn.neuron,
+                                     "compensated": dict(compensated)}}
 
     def restore(self, ctx: RunContext) -> bool:
         if ctx.ann_accuracy is None:
@@ -407,6 +414,11 @@ class Export(Stage):
 
     def run(self, ctx: RunContext) -> dict:
         path = ctx.run_dir.file("snn.nir")
+        ops = compensated_ops(ctx.snn.net)
+        if ops:  # NIR has no node for them: the run goes on, the report says why there is no file
+            reason = f"not written: {len(ops)} compensated operation(s) NIR cannot express (snn.strict=true refuses them)"
+            ctx.log(f"NIR graph {reason}: " + ", ".join(f"{op.where} ({op.kind})" for op in ops[:5]) + (" …" if len(ops) > 5 else ""))
+            return {"export": {"nir": None, "portable": reason}}
         portable = "not written"
         if ctx.accelerator.is_main_process:
             portable = export_nir(ctx.snn, path, ctx.statistics_batch()[:1], portable=ctx.cfg.snn.nir_portable).metadata["portable"]

@@ -72,7 +72,7 @@ def early_exit_table(exits: dict) -> Table:
 
 
 def stats_tables(stats: dict) -> list[Table]:
-    """Tables (neurons, layers, totals) for a :func:`~qcfs_snntorch.stats.spike_stats` result."""
+    """Tables (neurons, layers, compensated ops if any, totals) for a :func:`~qcfs_snntorch.stats.spike_stats` result."""
     t = stats["timesteps"]
     neurons = Table(title=f"Firing rates (T = {t})")
     signed = any(n.get("negative_events") for n in stats["neurons"])  # a column only where negative spikes happened
@@ -96,8 +96,16 @@ def stats_tables(stats: dict) -> list[Table]:
     totals.add_column("quantity")
     totals.add_column("value", justify="right")
     for key, value in tot.items():
-        totals.add_row(key, _fmt(value))
-    return [neurons, layers, totals]
+        if not isinstance(value, dict):  # compensated MACs by kind: in their own table
+            totals.add_row(key, _fmt(value))
+    if not stats.get("compensated"):
+        return [neurons, layers, totals]
+    compensated = Table(title=f"Compensated operations per sample (T = {t}): multiply-accumulates, not spikes")
+    for col in ("op", "at", "kind", "MACs (all steps)", "ANN MACs", "energy µJ (est.)"):
+        compensated.add_column(col, justify="left" if col in ("op", "at", "kind") else "right")
+    for c in stats["compensated"]:
+        compensated.add_row(c["op"], c["where"], c["kind"], _fmt(c["macs"]), _fmt(c["ann_macs"]), _fmt(c["energy_uj"]))
+    return [neurons, layers, compensated, totals]
 
 
 def error_table(errors: dict) -> Table:

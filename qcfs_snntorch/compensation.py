@@ -1,0 +1,244 @@
+"""Expectation-compensated operations: a non-linear op between spiking layers, exact in the mean.
+
+Between spiking layers a signal is a spike train whose running mean approximates the
+ANN's activation. A non-linear op ``f`` (LayerNorm, softmax, a sigmoid gate, a product of
+two signals, max, GELU, …) applied step by step would compute the mean of ``f``, not
+``f`` of the mean. Expectation compensation (Huang et al., ACM MM 2024) keeps the
+running sum of every input instead and emits at step ``t``
+
+    out_t = t·f(m_t) − (t − 1)·f(m_{t−1}),   m_t = (x_1 + … + x_t) / t,
+
+so the outputs up to ``t`` sum to exactly ``t·f(m_t)``: the rest of the network sees ``f``
+of the rate, as conversion assumes. A product of two signals is the same rule with ``f``
+of two running means. At ``t = 1`` the op *is* ``f`` (bit for bit).
+
+In the engine's time-folded layout (``[T·B, …]``, see :mod:`qcfs_snntorch.spiking`) this
+is one ``cumsum`` over time, ``f`` once on ``[T·B, …]`` and a difference along time; the
+running sums, the step count and the last ``t·f(m_t)`` are state, carried between chunks
+and ``step`` calls and cleared by :meth:`CompensatedOp.reset_state` with the neurons.
+Gradients are those of the formula (exact; no surrogate).
+
+One class per kind, all on :class:`CompensatedOp`; they differ only in the cost they
+report (multiply-accumulates per evaluation, for :mod:`qcfs_snntorch.stats`).
+:data:`COMPENSATED_KINDS` is the table conversion reads. To add a kind: a subclass with
+``kind`` and ``ops_per_element`` (or its own :meth:`CompensatedOp.macs`) and one line there.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "COMPENSATED_KINDS",
+    "CompensatedElementwise",
+    "CompensatedGate",
+    "CompensatedMax",
+    "CompensatedNorm",
+    "CompensatedOp",
+    "CompensatedProduct",
+    "TensorMethod",
+    "compensated_ops",
+]
+
+
+class TensorMethod:
+    """``TensorMethod("softmax")(x, -1)`` is ``x.softmax(-1)``: a ``call_method`` node as a function."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, obj, *args, **kwargs):
+        return getattr(obj, self.name)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f".{self.name}()"
+
+
+class CompensatedOp(nn.Module):
+    """``f`` of the running means of its signal inputs, emitted as a difference over time.
+
+    Args:
+        fn: what the ANN computes: a function, a :class:`TensorMethod` or a module (held
+            by reference, not registered: its parameters stay where the network has them,
+            so the state dict is unchanged and a module called at several places keeps one
+            set of parameters while each place gets its own running sums).
+        signals: which arguments are signals (positions of ``args`` and names of
+            ``kwargs``); the others (parameters, shapes, dims) pass through unchanged.
+        where: the module path the op belongs to, for reports.
+    """
+
+    kind = "elementwise"
+    ops_per_element = 1  # rough cost of f per output element, in multiply-accumulates
+
+    def __init__(self, fn: Callable, signals: Sequence[int | str], where: str = ""):
+        super().__init__()
+        self.__dict__["fn"] = fn  # not a child: see the class docstring
+        self.signals = tuple(signals)
+        self.where = where
+        self.timesteps = 1  # steps folded into dim 0 of the next call; set by SpikingModel
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        """Forget the running sums: the next call is step 1 of a new sample."""
+        self.sums: dict[int | str, torch.Tensor] | None = None  # per signal argument
+        self.last = None  # t·f(m_t) of the last step seen (a tensor, or a tuple for tuple outputs)
+        self.count = 0
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep the state of the samples ``rows`` only (early exit drops the others)."""
+        if self.sums is not None:
+            self.sums = {key: s[rows] for key, s in self.sums.items()}
+            self.last = _map_floats(self.last, lambda y: y[rows])
+
+    def forward(self, *args, **kwargs):
+        steps = self.timesteps
+        args, kwargs = list(args), dict(kwargs)
+        counts, sums = None, {}
+        for key in self.signals:
+            box = args if isinstance(key, int) else kwargs
+            x = box[key]
+            if not (isinstance(x, torch.Tensor) and torch.is_floating_point(x)):
+                continue  # traced as a signal but not one at run time (an optional mask that is None)
+            if x.shape[0] % steps:
+                raise RuntimeError(f"{type(self).__name__} at {self.where!r}: leading dim {x.shape[0]} is not a multiple "
+                                   f"of timesteps={steps}; call the network through SpikingModel")
+            seq = x.reshape(steps, x.shape[0] // steps, *x.shape[1:])
+            total = seq.cumsum(0) if self.sums is None else seq.cumsum(0) + self.sums[key]
+            if counts is None:
+                counts = torch.arange(self.count + 1, self.count + steps + 1, device=x.device, dtype=total.dtype)
+            sums[key] = total[-1]
+            box[key] = (total / counts.reshape(-1, *[1] * x.dim())).reshape(x.shape)
+        out = self.fn(*args, **kwargs)
+        if counts is None:  # no signal reached it (never, as conversion wraps them): f as is
+            return out
+        cumulative = _map_floats(out, lambda y: y.reshape(steps, y.shape[0] // steps, *y.shape[1:]) * _column(counts, y))
+        previous = self.last
+        result = _map_floats(cumulative, lambda y: y, lambda y, p: torch.diff(y, dim=0, prepend=_start(p, y)), previous)
+        self.sums, self.count = sums, self.count + steps
+        self.last = _map_floats(cumulative, lambda y: y[-1])
+        return _map_floats(result, lambda d: d.flatten(0, 1), like=out)
+
+    def macs(self, inputs: Sequence, output) -> int:
+        """Multiply-accumulates of one call on these (folded) tensors: ``f`` and the compensation.
+
+        The compensation adds per element a running sum and a division on each signal
+        input, a product by ``t`` and a difference on each output: 2 + 2 operations.
+        """
+        outputs = [y for y in _flat(output) if torch.is_floating_point(y)]
+        signal_elements = sum(inputs[k].numel() for k in self.signals if isinstance(k, int) and k < len(inputs))
+        out_elements = sum(y.numel() for y in outputs)
+        return int(self.f_macs(inputs, outputs) + 2 * signal_elements + 2 * out_elements)
+
+    def f_macs(self, inputs: Sequence, outputs: list[torch.Tensor]) -> float:
+        return self.ops_per_element * sum(y.numel() for y in outputs)
+
+    @property
+    def op_name(self) -> str:
+        """What it computes, for messages: a module's class, a function's or method's name."""
+        return _describe(self.fn)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}: {self.op_name} at {self.where or '<root>'}"
+
+
+class CompensatedNorm(CompensatedOp):
+    """LayerNorm, GroupNorm, RMSNorm, …: statistics of the running means, then the affine map."""
+
+    kind = "norm"
+    ops_per_element = 5  # mean, variance, normalise, scale, shift
+
+
+class CompensatedGate(CompensatedOp):
+    """Sigmoid, hard-sigmoid, tanh, softmax: a squashing function of the running mean."""
+
+    kind = "gate"
+    ops_per_element = 4  # exp, sum, divide (softmax); sigmoid about the same
+
+
+class CompensatedMax(CompensatedOp):
+    """Max / min (functional, pooling): of the running means, which can change which input wins."""
+
+    kind = "max"
+    ops_per_element = 1
+
+
+class CompensatedElementwise(CompensatedOp):
+    """Any other function of one signal left unreplaced (GELU, SiLU, exp, …)."""
+
+    kind = "elementwise"
+    ops_per_element = 4
+
+
+_MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.baddbmm}
+
+
+class CompensatedProduct(CompensatedOp):
+    """A product of signals (x·gate, q·kᵀ, attention·v, whole scaled-dot-product attention) of their running means."""
+
+    kind = "product"
+
+    def f_macs(self, inputs: Sequence, outputs: list[torch.Tensor]) -> float:
+        out = sum(y.numel() for y in outputs)
+        tensors = [a for a in inputs if isinstance(a, torch.Tensor)]
+        if self.fn is F.scaled_dot_product_attention and len(tensors) >= 3:
+            q, k, v = tensors[:3]  # softmax(q·kᵀ)·v: two matrix products over the keys, and the softmax
+            return out * k.shape[-2] + q.numel() // q.shape[-1] * k.shape[-2] * (q.shape[-1] + 4)
+        name = getattr(self.fn, "name", None)
+        if (self.fn in _MATMULS or name in ("matmul", "bmm")) and tensors:
+            return out * tensors[0].shape[-1]  # inner dimension
+        if isinstance(self.fn, nn.MultiheadAttention) and tensors:
+            return out * (4 + 2 * tensors[0].shape[0])  # projections and the two products, roughly
+        return out  # elementwise product / quotient
+
+
+# The compensation kinds conversion uses (the values of check's COMPENSATION table).
+COMPENSATED_KINDS: dict[str, type[CompensatedOp]] = {
+    cls.kind: cls for cls in (CompensatedNorm, CompensatedGate, CompensatedProduct, CompensatedMax, CompensatedElementwise)
+}
+
+
+def compensated_ops(model: nn.Module) -> list[CompensatedOp]:
+    """The compensated operations of a converted network, in module order."""
+    return [m for m in model.modules() if isinstance(m, CompensatedOp)]
+
+
+def _flat(value) -> list:
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+def _map_floats(value, fn, pair=None, other=None, like=None):
+    """Apply ``fn`` to every floating-point tensor of ``value`` (a tensor or a tuple of them);
+    with ``pair``, apply ``pair(y, o)`` with the matching element of ``other`` instead. The
+    other elements (integer indices of ``max``) pass through; ``like`` gives the tuple type."""
+    if isinstance(value, (tuple, list)):
+        others = other if other is not None else [None] * len(value)
+        items = [_map_floats(v, fn, pair, o) for v, o in zip(value, others)]
+        kind = type(like if like is not None else value)
+        return kind(items) if kind in (tuple, list) or not hasattr(kind, "_fields") else kind(*items)
+    if not (isinstance(value, torch.Tensor) and torch.is_floating_point(value)):
+        return value
+    return pair(value, other) if pair is not None else fn(value)
+
+
+def _column(counts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The step numbers as a ``[T, 1, …]`` column broadcastable to ``y`` unfolded to ``[T, B, …]``."""
+    return counts.to(y.dtype).reshape(-1, *[1] * y.dim())
+
+
+def _start(previous, y: torch.Tensor) -> torch.Tensor:
+    """What the first step of this call is a difference from: the last ``t·f(m_t)``, or zero at step 1."""
+    if previous is None:
+        return torch.zeros_like(y[:1])
+    return previous.unsqueeze(0)
+
+
+def _describe(fn) -> str:
+    if isinstance(fn, nn.Module):
+        return type(fn).__name__
+    return getattr(fn, "__name__", repr(fn))
+

@@ -1,0 +1,306 @@
+"""Expectation-compensated operations: exact in the mean at every step, on every engine path, in whole networks."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import randomise
+from torch import nn
+
+from qcfs_snntorch import QCFS, ConversionError, check, convert, create_model
+from qcfs_snntorch.compensation import COMPENSATED_KINDS, CompensatedNorm, TensorMethod, compensated_ops
+from qcfs_snntorch.tracing import spiking_neurons
+
+T, B = 6, 3
+
+
+class LayerNormBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, x):  # [B, N, 8]
+        return self.norm(x)
+
+
+class AttentionBlock(nn.Module):
+    """softmax(q·kᵀ/√d)·v written out: products of two signals and a softmax between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        attn = (self.q(x) @ self.k(x).transpose(-2, -1) * 8**-0.5).softmax(dim=-1)
+        return attn @ self.v(x)
+
+
+class SEBlock(nn.Module):
+    """Squeeze-excite: x · sigmoid(fc(mean over space))."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.gate = nn.Conv2d(4, 4, 1), nn.Sigmoid()
+
+    def forward(self, x):  # [B, 4, H, W]
+        return x * self.gate(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+class MaxBlock(nn.Module):
+    def forward(self, x):  # [B, 4, H, W]: functional max pooling, and a max over channels
+        return F.max_pool2d(x, 2) + x.amax(dim=1, keepdim=True)[..., ::2, ::2]
+
+
+class GELUBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.GELU()  # left unreplaced: compensated elementwise
+
+    def forward(self, x):
+        return self.act(x) * 2.0
+
+
+BLOCKS = {"layernorm": (LayerNormBlock, (5, 8)), "attention": (AttentionBlock, (5, 8)), "se": (SEBlock, (4, 4, 4)),
+          "max": (MaxBlock, (4, 4, 4)), "gelu": (GELUBlock, (5, 8))}
+
+
+class Spiking(nn.Module):
+    """A QCFS in front of the block: the block then sees spike trains, as inside a converted network."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.act, self.block = QCFS(levels=4, threshold=1.0), block
+
+    def forward(self, x):
+        return self.block(self.act(x))
+
+
+def _converted(name, chunk_size=None):
+    torch.manual_seed(0)
+    cls, shape = BLOCKS[name]
+    ann = Spiking(cls()).eval()
+    snn = convert(ann, chunk_size=chunk_size, memory_format=None).eval()
+    return ann, snn, shape
+
+
+def _spikes_and_outputs(snn, x_seq):
+    """The block's input (the neuron's output) and output, both ``[T, B, …]``, from one run."""
+    seen = []
+    handle = spiking_neurons(snn.net)[0].register_forward_hook(lambda m, i, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            out = snn(x_seq)
+    finally:
+        handle.remove()
+    spikes = torch.cat(seen)
+    return spikes.reshape(x_seq.shape[0], -1, *spikes.shape[1:]), out
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_cumulative_output_is_t_times_f_of_the_mean_input(name):
+    ann, snn, shape = _converted(name)
+    assert compensated_ops(snn.net), "nothing was compensated"
+    x_seq = torch.rand(T, B, *shape, generator=torch.Generator().manual_seed(1)) * 2 - 0.5  # varies over time
+    spikes, out = _spikes_and_outputs(snn, x_seq)
+    assert spikes.unique().numel() > 1  # the block really sees spike trains
+    with torch.no_grad():
+        for t in range(1, T + 1):
+            expected = t * ann.block(spikes[:t].mean(0))
+            torch.testing.assert_close(out[:t].sum(0), expected, rtol=1e-5, atol=1e-5, msg=f"{name}, t = {t}")
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_folded_chunked_and_stepwise_are_equal(name):
+    _, snn, shape = _converted(name)
+    _, chunked, _ = _converted(name, chunk_size=4)
+    x = torch.rand(B, *shape, generator=torch.Generator().manual_seed(2)) * 2 - 0.5
+    with torch.no_grad():
+        folded = snn(x, timesteps=10)
+        torch.testing.assert_close(chunked(x, timesteps=10), folded, rtol=1e-5, atol=1e-5)
+        snn.reset()
+        stepwise = torch.stack([snn.step(x) for _ in range(10)])
+    torch.testing.assert_close(stepwise, folded, rtol=1e-5, atol=1e-5)
+
+
+def test_reset_clears_running_sums():
+    _, snn, shape = _converted("layernorm")
+    x = torch.rand(B, *shape)
+    with torch.no_grad():
+        first = snn(x, timesteps=3)
+        assert torch.equal(snn(x, timesteps=3), first)  # a new call starts from zero sums
+        snn.reset()
+        assert torch.equal(snn.step(x), first[0])
+
+
+def test_one_step_is_f_bit_for_bit_and_gradients_are_fs():
+    norm = nn.LayerNorm(6)
+    op = CompensatedNorm(norm, [0])
+    x = torch.randn(4, 6, requires_grad=True)
+    y = op(x)
+    assert torch.equal(y, norm(x))
+    (g_op,) = torch.autograd.grad(y.square().sum(), x)
+    (g_f,) = torch.autograd.grad(norm(x).square().sum(), x)
+    torch.testing.assert_close(g_op, g_f)
+
+
+def test_tuple_outputs_keep_integer_indices():
+    op = COMPENSATED_KINDS["max"](TensorMethod("max"), [0])
+    op.timesteps = 2
+    values, indices = op(torch.tensor([[1.0, 3.0], [5.0, 0.0]]), 1)  # steps of one sample: means [1, 3], [3, 1.5]
+    assert torch.equal(indices, torch.tensor([1, 0]))
+    torch.testing.assert_close(values, torch.tensor([3.0, 2 * 3.0 - 3.0]))
+
+
+# ---------------------------------------------------------------- whole networks
+
+NETWORKS = ["test_vit", "test_convnext", "test_efficientnet"]
+
+
+def _network(name, levels=4):
+    model = create_model(name, num_classes=10, activations=("relu", "gelu", "silu"), levels=levels)
+    gen = torch.Generator().manual_seed(0)
+    for pname, p in model.named_parameters():
+        if pname.endswith("gamma"):  # ConvNeXt's layer scale starts at 1e-6: let the blocks matter
+            p.data.uniform_(0.5, 1.0, generator=gen)
+    return randomise(model, thresholds=(0.5, 1.5))
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_graded_snn_at_one_step_equals_the_ann_exactly(name):
+    levels = 4
+    ann = _network(name, levels)
+    report = check(ann)
+    assert report.convertible and report.compensated, report.summary()
+    snn = convert(ann, max_spikes=levels, memory_format=None).eval()  # the ANN's layout: the same conv rounding
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(snn(x, timesteps=1)[0], ann(x))
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_binary_snn_approaches_the_ann_as_t_grows(name):
+    ann = _network(name)
+    snn = convert(ann).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    errors = {}
+    with torch.no_grad():
+        means = snn.running_means(x, 64)
+        for t in (4, 64):
+            reference = copy.deepcopy(ann)
+            for act in reference.modules():
+                if isinstance(act, QCFS):
+                    act.levels = t  # the SNN at T steps approximates QCFS at L = T
+            logits = reference(x)
+            errors[t] = ((means[t - 1] - logits).abs().mean() / logits.abs().mean()).item()
+    assert errors[64] < 0.5 * errors[4], errors
+
+
+def test_gradients_flow_through_compensated_ops():
+    ann = _network("test_vit")
+    snn = convert(ann, learn_threshold=True).train()
+    x = torch.randn(2, 3, 32, 32)
+    snn(x, timesteps=3).mean(0).logsumexp(-1).sum().backward()
+    norm = snn.net.blocks[-1].norm1  # compensated LayerNorm: its parameters stay where they were
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    assert snn.net.patch_embed.proj.weight.grad.abs().sum() > 0  # through every compensated op back to the stem
+    assert all(torch.isfinite(p.grad).all() for p in snn.parameters() if p.grad is not None)
+
+
+def test_state_dict_keeps_the_anns_keys():
+    ann = _network("test_vit")
+    snn = convert(ann)
+    assert set(ann.state_dict()) <= set(snn.net.state_dict())
+
+
+# ---------------------------------------------------------------- conversion choices
+
+
+class SharedAct(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.act = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), QCFS(levels=4, threshold=1.0)
+
+    def forward(self, x):
+        for conv in (self.conv1, self.conv2):  # one activation module, called in a loop
+            x = self.act(conv(x))
+        return x
+
+
+def test_activation_in_a_loop_gets_one_neuron_per_call():
+    ann = SharedAct().eval()
+    assert check(ann).convertible and not check(ann, strict=True).convertible
+    snn = convert(ann, max_spikes=4)
+    assert len(spiking_neurons(snn.net)) == 2
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(snn(x, timesteps=1)[0], ann(x))
+
+
+def test_strict_refuses_what_would_be_compensated():
+    ann = Spiking(LayerNormBlock())
+    with pytest.raises(ConversionError, match="block.norm"):
+        convert(ann, strict=True)
+    assert compensated_ops(convert(ann).net)  # not strict: compensated
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act, self.norm = QCFS(), nn.LayerNorm(4)
+
+    def forward(self, x):
+        x = self.act(x)
+        if x.sum() > 0:  # control flow on values: torch.fx cannot trace it
+            x = self.norm(x)
+        return x
+
+
+def test_untraceable_network_with_nonlinear_ops_refused_with_reason():
+    report = check(DataDependent())
+    assert not report.convertible
+    assert "does not trace" in report.summary() and "norm" in report.summary()
+
+
+def test_network_without_compensated_ops_is_left_as_is():
+    model = create_model("resnet18", num_classes=10, layers=(1, 1, 1, 1), channels=(8, 8, 8, 8))
+    snn = convert(model)
+    assert not compensated_ops(snn.net) and type(snn.net).forward is type(model).forward
+
+
+# ---------------------------------------------------------------- cost and export
+
+
+def test_stats_count_compensated_ops_as_macs_per_kind():
+    from qcfs_snntorch.stats import spike_stats
+
+    snn = convert(_network("test_efficientnet")).eval()
+    stats = spike_stats(snn, torch.randn(2, 3, 32, 32), 4)
+    kinds = {row["kind"] for row in stats["compensated"]}
+    assert kinds == {"gate", "product"}, stats["compensated"]
+    totals = stats["totals"]
+    assert totals["compensated_macs"] > 0 and set(totals["compensated_macs_by_kind"]) == kinds
+    assert totals["compensated_macs"] == pytest.approx(sum(totals["compensated_macs_by_kind"].values()))
+    assert totals["snn_macs"] >= totals["compensated_macs"]
+    # every step costs at least f once: over T = 4 more than 4 × the ANN's cost of the same ops
+    assert all(row["macs"] > 4 * row["ann_macs"] > 0 for row in stats["compensated"])
+    ops = {row["name"]: row["op"] for row in stats["layers"]}
+    assert ops["blocks.3.0.conv_pwl"] == "MAC"  # fed by x·gate: real values, not spikes
+    assert ops["blocks.3.0.se.conv_expand"] == "AC"  # fed by the SE's own neuron
+
+
+def test_nir_export_refuses_compensated_ops_by_name(tmp_path):
+    from qcfs_snntorch import ExportError, export_nir
+
+    snn = convert(Spiking(LayerNormBlock()))
+    with pytest.raises(ExportError, match=r"block\.norm \(norm: LayerNorm\)"):
+        export_nir(snn, tmp_path / "x.nir", torch.rand(1, 5, 8))
+    assert not (tmp_path / "x.nir").exists()
+
+
+def test_conversion_error_with_one_neuron_per_call_site():
+    from qcfs_snntorch.stats import conversion_error
+
+    ann = SharedAct().eval()
+    errors = conversion_error(ann, convert(ann), torch.randn(2, 3, 8, 8), [1, 4])
+    assert errors["layers"] == [] and len(errors["output"]["mae"]) == 2  # the shared act is left out, no crash
