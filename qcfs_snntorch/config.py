@@ -99,6 +99,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig(OptimConfig):
     levels_choices: list[int] = setting([], "draw every QCFS's L per batch from these (holds at every L)")
+    relu_epochs: int = setting(0, "first N epochs as a ReLU network, then QCFS with λ measured from it (< epochs)")
 
 @dataclass
 class SNNConfig:
@@ -327,6 +328,7 @@ RULES: dict[str, callable] = {
     "data.train_subset": _optional(_POSITIVE), "data.eval_subset": _optional(_POSITIVE), "data.in_memory": _anything,
     **{f"train.{k}": rule for k, rule in _OPTIM.items()},
     "train.levels_choices": _each(_POSITIVE),
+    "train.relu_epochs": _COUNT,
     "snn.timesteps": _each(_POSITIVE, nonempty=True, example=", e.g. [1,2,4,8]"),
     "snn.chunk_size": _optional(_POSITIVE), "snn.fold_bn": _anything, "snn.strict": _anything,
     "snn.calibrate": _each(_choice(CALIBRATION_METHODS)), "snn.calibrate_timesteps": _each(_POSITIVE),
@@ -389,6 +391,10 @@ def _cross_checks(cfg: RunConfig) -> None:
                "it has no per-image AutoAugment: give data.autoaugment=false" if cfg.data.autoaugment else
                f"it is for small images (≤ 64 px), not {size}-pixel ones, which stream from disk with data.num_workers")
         raise ConfigError(f"data.in_memory=true does not fit these settings: {why}")
+    if cfg.train.relu_epochs and cfg.train.epochs and cfg.train.relu_epochs >= cfg.train.epochs:
+        raise ConfigError(f"train.relu_epochs={cfg.train.relu_epochs} leaves no QCFS epoch of train.epochs={cfg.train.epochs}: "
+                          "the ReLU epochs come first, then QCFS with λ from data; use fewer (e.g. "
+                          f"train.relu_epochs={max(1, cfg.train.epochs // 2)}) or 0 (QCFS from the start)")
     for section in ("train", "finetune"):
         opt = getattr(cfg, section)
         if opt.epochs and opt.warmup_epochs > opt.epochs:

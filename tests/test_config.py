@@ -79,6 +79,7 @@ def test_a_recipe_file_path_is_a_recipe(tmp_path):
         (["data.name=imagefolder", "data.root=x", "data.cutout=40"], r"data.cutout=40 is larger than the 32-pixel images"),
         (["stages=[train,calibrate]", "snn.calibrate=[]"], r"stages has calibrate but snn.calibrate is empty"),
         (["snn.timesteps=[]"], r"snn.timesteps is empty"),
+        (["train.epochs=5", "train.relu_epochs=5"], r"train.relu_epochs=5 leaves no QCFS epoch of train.epochs=5"),
     ],
 )
 def test_bad_input_is_named_with_valid_choices(overrides, pattern):
@@ -94,7 +95,7 @@ INVALID = {
     "data.name": "mnist", "data.image_size": "4", "data.batch_size": "0", "data.eval_batch_size": "0",
     "data.num_workers": "-1", "data.download": None, "data.autoaugment": None, "data.cutout": "-1",
     "data.val_split": "1.0", "data.split_seed": "-1", "data.train_subset": "0", "data.eval_subset": "0", "data.in_memory": None,
-    "train.levels_choices": "[0]",
+    "train.levels_choices": "[0]", "train.relu_epochs": "-1",
     "snn.timesteps": "[0]", "snn.chunk_size": "0", "snn.fold_bn": None, "snn.strict": None, "snn.calibrate": "[pixel]",
     "snn.calibrate_timesteps": "[0]", "snn.calibrate_samples": "0", "snn.stats_timesteps": "0", "snn.stats_samples": "0",
     "snn.nir_portable": None,

@@ -31,7 +31,7 @@ from .fingerprints import architecture, changed, describe
 from .paths import check_paths
 from .run_dir import RunDir, RunLog, choose_run_dir, read_report
 
-__all__ = ["SPIKING_STAGES", "build_ann", "initial_thresholds", "setup"]
+__all__ = ["SPIKING_STAGES", "build_ann", "initial_thresholds", "setup", "thresholds_from_data"]
 
 SPIKING_STAGES = frozenset({"convert", "eval", "calibrate", "finetune", "export"})
 
@@ -120,13 +120,23 @@ def initial_thresholds(ctx: RunContext) -> None:
         return
     ctx.thresholds_lacking = False
     cfg = ctx.cfg
-    images, _ = sample_batch(ctx.data.calibration, 8 * cfg.data.batch_size, cfg.seed)
     trusted_bn = bool(cfg.model.checkpoint or cfg.model.pretrained or cfg.model.pretrained_file)
-    calibrate_from_data(ctx.ann, images.to(ctx.accelerator.device).split(cfg.data.batch_size),
+    thresholds_from_data(ctx, ctx.ann, trusted_bn=trusted_bn, what="initialised from data")
+
+
+def thresholds_from_data(ctx: RunContext, model, *, trusted_bn: bool = True, what: str = "measured on the ReLU network") -> None:
+    """Every λ of ``model`` from a seeded sample of training images (the same on every rank, then broadcast).
+
+    ``trusted_bn``: the BN running statistics are right (a trained or pretrained network) and λ is
+    measured in eval mode; otherwise they are re-estimated from the sample first.
+    """
+    cfg = ctx.cfg
+    images, _ = sample_batch(ctx.data.calibration, 8 * cfg.data.batch_size, cfg.seed)
+    calibrate_from_data(model, images.to(ctx.accelerator.device).split(cfg.data.batch_size),
                         percentile=cfg.model.threshold_percentile, update_bn=not trusted_bn)
-    broadcast_state(ctx.ann, ctx.accelerator)
-    values = [round(act.threshold.item(), 3) for act in qcfs_layers(ctx.ann)]
-    ctx.log(f"λ initialised from data: {values}")
+    broadcast_state(model, ctx.accelerator)
+    values = [round(act.threshold.item(), 3) for act in qcfs_layers(model)]
+    ctx.log(f"λ {what}: {values}")
     silent = silent_layers(values)
     if silent:
         ctx.log(f"λ: {len(silent)} layer(s) never active on the calibration images (indices {silent}) took the median λ")

@@ -46,7 +46,7 @@ from ..training import (
 from . import plots
 from .context import RunContext
 from .load import weights_metadata
-from .setup import initial_thresholds
+from .setup import initial_thresholds, thresholds_from_data
 from .tables import early_exit_table, error_table, stats_tables
 
 __all__ = ["STAGE_CLASSES", "Calibrate", "Check", "Convert", "Eval", "Export", "Finetune", "Stage", "Train"]
@@ -84,10 +84,10 @@ def _thresholds(model) -> dict:
 
 
 class Train(Stage):
-    """Train the QCFS ANN (λ was set from data in setup where asked); save ``ann.safetensors``."""
+    """Train the QCFS ANN (λ was set from data in setup where asked; with ``train.relu_epochs``, again from
+    the ReLU network its first epochs trained); save ``ann.safetensors``."""
 
     name, outputs, writes = "train", ("ann",), ("ann.safetensors",)
-
 
     def run(self, ctx: RunContext) -> dict:
         cfg = ctx.cfg
@@ -97,7 +97,8 @@ class Train(Stage):
         history = fit(
             ctx.ann, ctx.train_loader(), cfg=cfg.train, accelerator=ctx.accelerator,
             checkpoints=ctx.checkpoints("ann", ctx.checkpoint_fingerprint(self.name)),
-            task=Classification(cfg.train.label_smoothing, levels_choices=cfg.train.levels_choices, seed=cfg.seed),
+            task=Classification(cfg.train.label_smoothing, levels_choices=cfg.train.levels_choices, seed=cfg.seed,
+                                relu_epochs=cfg.train.relu_epochs, measure_thresholds=lambda m: thresholds_from_data(ctx, m)),
             evaluate=lambda m: evaluate_ann(m, ctx.selection, ctx.accelerator), metrics=_thresholds,
             resume=cfg.resume, log=ctx.log, label="ANN", name="train",
         )

@@ -195,6 +195,7 @@ class _Trainer:
 
     def epoch(self, epoch: int, first: int, carried: dict | None) -> _Totals:
         cfg, accelerator = self.cfg, self.accelerator
+        self.task.start_epoch(accelerator.unwrap_model(self.model), epoch, first)
         self.task.train_mode(self.model)
         totals = _Totals(accelerator.device)
         if first and carried and accelerator.is_main_process:  # the resumed epoch's totals so far (all ranks)
@@ -332,7 +333,8 @@ def fit(
 ) -> list[dict]:
     """Train ``model`` in place for ``cfg.epochs`` (an :class:`~qcfs_snntorch.config.OptimConfig`).
 
-    ``task`` computes each step's loss (default: cross-entropy, :class:`.tasks.Classification`);
+    ``task`` computes each step's loss (default: cross-entropy, :class:`.tasks.Classification`) and
+    is told when each epoch starts and when training ends (:class:`.tasks.Task`);
     ``evaluate(model)`` gives the per-epoch ``eval_top1`` (on the validation split); ``name``
     is the config section the messages point at (``train`` or ``finetune``). ``cfg.grad_accum_steps``
     batches make one optimizer update. Checkpoints go to ``checkpoints`` after every epoch
@@ -352,16 +354,19 @@ def fit(
     start_epoch, skip, carried = trainer.resume() if resume else (0, 0, None)
     if trainer.scheduler is not None:  # the schedule is a function of the update count: no state to restore
         trainer.scheduler.step_update(start_epoch * trainer.updates_per_epoch + skip // trainer.accum)
-    for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
-        first = skip if epoch == start_epoch else 0
-        totals = trainer.epoch(epoch, first, carried if first else None)
-        average_batchnorm_stats(accelerator.unwrap_model(trainer.model), accelerator)
-        summary = trainer.summarise(epoch, totals, time.perf_counter() - started, evaluate, metrics)
-        trainer.history.append(summary)
-        accelerator.log(_scalars(summary, label), step=epoch + 1)
-        log(_epoch_line(label, cfg.epochs, summary))
-        trainer.checkpoint(f"epoch_{epoch:04d}", {"epoch": epoch, "history": trainer.history},
-                      f"the end of epoch {epoch + 1}/{cfg.epochs}")
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            started = time.perf_counter()
+            first = skip if epoch == start_epoch else 0
+            totals = trainer.epoch(epoch, first, carried if first else None)
+            average_batchnorm_stats(accelerator.unwrap_model(trainer.model), accelerator)
+            summary = trainer.summarise(epoch, totals, time.perf_counter() - started, evaluate, metrics)
+            trainer.history.append(summary)
+            accelerator.log(_scalars(summary, label), step=epoch + 1)
+            log(_epoch_line(label, cfg.epochs, summary))
+            trainer.checkpoint(f"epoch_{epoch:04d}", {"epoch": epoch, "history": trainer.history},
+                               f"the end of epoch {epoch + 1}/{cfg.epochs}")
+    finally:
+        task.close(accelerator.unwrap_model(trainer.model))
     accelerator.free_memory()
     return trainer.history

@@ -6,7 +6,9 @@
 
 - :class:`Classification`: the ANN; optionally with the QCFS levels L drawn per batch
   from a set (``levels_choices``), which trains a network that holds at every L in it
-  (an SNN at T steps follows the network at L = T; see docs/RESULTS.md);
+  (an SNN at T steps follows the network at L = T; see docs/RESULTS.md), and optionally
+  with its first ``relu_epochs`` epochs as a plain ReLU network, λ measured from data at
+  the switch to QCFS (a QCFS network trained from scratch ends below its ReLU twin);
 - :class:`SpikingFinetune`: hybrid fine-tuning of a converted SNN through T steps with
   surrogate gradients. Loss on the mean output (``"mean"``) or TET (``"tet"``, Deng et
   al., ICLR 2022: the mean of every step's cross-entropy, plus ``tet_weight`` × the mean
@@ -16,11 +18,16 @@
 
 Every random draw is a function of (seed, step), so all DDP ranks draw alike and a run
 resumed mid-epoch draws the same sequence as an uninterrupted one.
+
+The loop calls ``task.start_epoch(model, epoch, first_step)`` before each epoch (a task that
+changes with the epoch does it there, from the epoch number alone, so a resumed run is in the
+same state as an uninterrupted one) and ``task.close(model)`` when training ends, however it ends.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +35,7 @@ from torch import nn
 
 from ..tracing import batchnorms, qcfs_layers
 
-__all__ = ["Classification", "SpikingFinetune", "distillation_loss", "tet_loss", "draw"]
+__all__ = ["Classification", "SpikingFinetune", "Task", "distillation_loss", "tet_loss", "draw"]
 
 
 def draw(choices: list[int], seed: int, step: int) -> int:
@@ -62,15 +69,61 @@ def distillation_loss(outputs: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return F.kl_div(student, teacher, reduction="batchmean") * temperature**2
 
 
-class Classification:
-    """Cross-entropy on a classifier's logits; ``levels_choices`` draws every QCFS's L per batch."""
-
-    def __init__(self, label_smoothing: float = 0.0, *, levels_choices: list[int] | None = None, seed: int = 0):
-        self.label_smoothing = label_smoothing
-        self.levels_choices, self.seed = list(levels_choices or []), seed
+class Task:
+    """What :func:`~qcfs_snntorch.training.fit` calls besides ``task(model, images, labels, step)``."""
 
     def train_mode(self, model: nn.Module) -> None:
         model.train()
+
+    def start_epoch(self, model: nn.Module, epoch: int, first_step: int) -> None:
+        """Before epoch ``epoch`` (0-based); ``first_step`` > 0 when a resumed run continues it mid-way."""
+
+    def close(self, model: nn.Module) -> None:
+        """Training ended (or failed): leave ``model`` as it is used afterwards."""
+
+
+def _relu_with_unused_threshold(module: nn.Module, args, output):
+    """Forward hook: the QCFS layer outputs ReLU of its input. λ enters with weight 0 so that it still
+    gets a (zero) gradient: DDP waits for a gradient of every parameter at every step."""
+    return torch.relu(args[0]) + module.threshold.sum() * 0
+
+
+class Classification(Task):
+    """Cross-entropy on a classifier's logits.
+
+    Args:
+        levels_choices: draw every QCFS's L per batch from these.
+        relu_epochs: the first ``relu_epochs`` epochs train the network with every QCFS acting as a
+            plain ReLU (evaluation in those epochs too); before epoch ``relu_epochs`` the ReLU
+            network's statistics set λ (``measure_thresholds(model)``), and QCFS training goes on
+            from there. ReLU networks train better from scratch than QCFS ones, which pass no
+            gradient above λ (docs/RESULTS.md). A run resumed mid-way through the switch epoch
+            has λ in its checkpoint and does not measure it again.
+        measure_thresholds: sets every λ of the (unwrapped) model from data; needed with ``relu_epochs``.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, *, levels_choices: list[int] | None = None, seed: int = 0,
+                 relu_epochs: int = 0, measure_thresholds: Callable[[nn.Module], None] | None = None):
+        if relu_epochs and measure_thresholds is None:
+            raise ValueError("relu_epochs > 0 needs measure_thresholds, which sets λ from data at the switch to QCFS")
+        self.label_smoothing = label_smoothing
+        self.levels_choices, self.seed = list(levels_choices or []), seed
+        self.relu_epochs, self.measure_thresholds = int(relu_epochs), measure_thresholds
+        self._relu_hooks: list = []
+
+    def start_epoch(self, model: nn.Module, epoch: int, first_step: int) -> None:
+        if epoch < self.relu_epochs:
+            if not self._relu_hooks:
+                self._relu_hooks = [act.register_forward_hook(_relu_with_unused_threshold) for act in qcfs_layers(model)]
+            return
+        self.close(model)
+        if self.relu_epochs and epoch == self.relu_epochs and first_step == 0 and qcfs_layers(model):
+            self.measure_thresholds(model)
+
+    def close(self, model: nn.Module) -> None:
+        for handle in self._relu_hooks:
+            handle.remove()
+        self._relu_hooks = []
 
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, step: int) -> dict:
         layers, trained = [], []
@@ -89,7 +142,7 @@ class Classification:
         return {"loss": F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing), "output": logits}
 
 
-class SpikingFinetune:
+class SpikingFinetune(Task):
     """Hybrid fine-tuning of a :class:`~qcfs_snntorch.SpikingModel` (see the module docstring).
 
     Args:
