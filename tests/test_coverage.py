@@ -150,6 +150,9 @@ def test_snn_matches_ann_at_L_equal_T(family, monkeypatch):
     agree = (outputs.mean(0).argmax(-1) == reference).float().mean().item()
     assert errors[t_long] <= 0.12, (family, errors, agree)
     assert errors[t_long] <= errors[T_SHORT], (family, errors)
+    # The SNN at t_long predicts what the ANN at L = t_long predicts: measured 6 to 8 of the 8 images
+    # across the families (densenet and cspdarknet 6; at T_SHORT as few as 0), where chance is 1/classes.
+    assert agree >= 0.75, (family, agree, errors)
 
 
 # family -> (timm name, create_model kwargs, {problem kind: a path it must name})
