@@ -21,11 +21,22 @@ model's default input size (its pretrained cfg; 224 without one), capped by ``--
 unless the architecture has a fixed input size. A run counts when the output is
 ``[T, 1, 10]`` and finite.
 
+Each name of stage 1 ends as one outcome: ``converts`` (IF neurons and linear operations
+only), ``compensated`` (converts, with non-linear operations run as compensated operations:
+counted when ``check``'s report has a ``compensated`` attribute, a count or a list, and
+absent from packages whose ``check`` has no such category), ``refused`` or ``failed``.
+
 Both stages append one JSON line per model to ``stage1.jsonl`` / ``stage2.jsonl`` in
 ``--out-dir`` as they go and skip names already there, so an interrupted run resumes
-where it stopped (delete the files to start over). At the end ``coverage_census.json``
-(everything, with machine, versions, date and command line) and ``coverage_census.md``
-(the tables of docs/COVERAGE.md) are written from all lines.
+where it stopped (delete the files to start over); ``runs.jsonl`` records the command,
+commit and machine of every run. ``--shard K/N`` splits stage 1 over N processes writing
+to one out-dir; ``--shuffle SEED`` checks the names in a random order (an unfinished run is
+then a random sample). At the end ``coverage_census.json`` (everything) and
+``coverage_census.md`` (the tables) are written from all lines; ``--doc docs/COVERAGE.md``
+writes the tables into the doc between its ``coverage_census`` markers too, and
+``--stage report`` does only that:
+
+    python benchmarks/coverage_census.py --stage report --doc docs/COVERAGE.md
 """
 
 # ruff: noqa: I001  (_common goes before torch: it sets OMP_WAIT_POLICY)
@@ -56,6 +67,7 @@ import qcfs_snntorch as qs
 ROOT = Path(__file__).resolve().parents[1]
 RELU = ("relu",)
 FALLBACK = ("relu", "silu", "gelu")
+CONVERTING = ("converts", "compensated")  # stage 1 outcomes that stage 2 builds, converts and runs
 KIND_LABELS = {
     "gate": "gating",
     "norm": "LayerNorm/GroupNorm",
@@ -149,6 +161,22 @@ def _check_once(name: str, activations: tuple[str, ...], rec: dict) -> tuple[tor
     return model, qs.check(model)
 
 
+def compensated_ops(report: qs.CheckReport) -> int | None:
+    """How many non-linear ops convert as compensated operations (issue 21), or None where
+    ``check`` does not report that yet: the census runs on either package."""
+    found = getattr(report, "compensated", None)
+    if found is None:
+        return None
+    return found if isinstance(found, int) else len(found)
+
+
+def outcome(report: qs.CheckReport) -> str:
+    """``converts`` (IF neurons and linear ops only), ``compensated`` (converts with compensated ops) or ``refused``."""
+    if not report.convertible:
+        return "refused"
+    return "compensated" if compensated_ops(report) else "converts"
+
+
 def _kinds(report: qs.CheckReport) -> list[str]:
     return sorted({p.kind for p in report.problems}) or ([] if report.activations else ["no_activation"])
 
@@ -168,7 +196,8 @@ def census_one(name: str, family: str, pkg: str) -> dict:
     else:
         del rec["step"]
         rec.update(
-            status="converts" if report.convertible else "refused",
+            status=outcome(report),
+            compensated_ops=compensated_ops(report),
             kinds=_kinds(report),
             params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             qcfs=report.activations,
@@ -202,7 +231,7 @@ def sample(records: dict[str, dict], max_params: float, extra: int, seed: int) -
     """Smallest converting member per family (within the cap) plus ``extra`` random others; and the over-cap families."""
     by_family: dict[str, list[dict]] = defaultdict(list)
     for rec in records.values():
-        if rec["status"] == "converts":
+        if rec["status"] in CONVERTING:
             by_family[rec["family"]].append(rec)
     chosen, over_cap = [], {}
     for family, recs in sorted(by_family.items()):
@@ -300,18 +329,40 @@ def run_stage2(names: list[str], stage1: dict[str, dict], path: Path, args, pkg:
 
 # ---------------------------------------------------------------- summaries
 
+# Stage 1 outcomes, in the order of docs/COVERAGE.md's table, with what each means.
+OUTCOMES = {
+    "converts": "converts: IF neurons and linear operations only",
+    "compensated": "converts with compensated non-linear operations",
+    "refused": "refused, with the module paths and a reason",
+    "failed": "failed otherwise (an exception in `create_model` or `check`)",
+}
+# Refusal reasons (``Problem.kind``) → what they are, for the reasons table.
+KIND_TEXT = {
+    "activation": "an activation left over (SiLU, GELU, hard-swish, … in a ReLU-only build; a `clamp`, or `F.relu` "
+                  "in a helper method)",
+    "norm": "LayerNorm / GroupNorm / RMSNorm: statistics of the activations per sample",
+    "gate": "squeeze-excite and other `x * sigmoid(...)` gates, softmax",
+    "attention": "products of two signals (`q @ k`, `scaled_dot_product_attention`)",
+    "shared": "one activation module called in a loop or by several branches",
+    "max": "max pooling that is not a module (`F.max_pool2d` in `forward`), `amax`",
+    "nonlinear": "`exp`, `pow`, `abs`, … of a signal (e.g. StarReLU, RMS-style norms written by hand)",
+    "no_activation": "no activation QCFS could replace",
+}
+MARK_START, MARK_END = "<!-- coverage_census: start -->", "<!-- coverage_census: end -->"
+
 
 def stage1_totals(records: list[dict]) -> dict:
     status = Counter(r["status"] for r in records)
-    converts = [r for r in records if r["status"] == "converts"]
+    converting = [r for r in records if r["status"] in CONVERTING]
     return {
         "names": len(records),
-        "converts": status["converts"],
-        "converts_relu_only": sum(r["activations"] == list(RELU) for r in converts),
-        "converts_after_silu_gelu": sorted(r["name"] for r in converts if r["activations"] != list(RELU)),
-        "refused": status["refused"],
-        "failed": status["failed"],
+        "outcomes": {**{o: status[o] for o in OUTCOMES}, **{o: n for o, n in status.items() if o not in OUTCOMES}},
+        # None in every line: the package's check has no compensated category (before issue 21).
+        "compensated_reported": any(r.get("compensated_ops") is not None for r in records),
+        "converts_relu_only": sum(r["activations"] == list(RELU) for r in converting),
+        "converts_after_silu_gelu": sorted(r["name"] for r in converting if r["activations"] != list(RELU)),
         "refusal_kinds": dict(Counter(k for r in records if r["status"] == "refused" for k in r["kinds"]).most_common()),
+        "failures": {r["name"]: r["error"] for r in records if r["status"] == "failed"},
         "model_seconds": round(sum(r["seconds"] for r in records), 1),
     }
 
@@ -323,11 +374,10 @@ def family_rows(records: list[dict]) -> list[dict]:
         by_family[r["family"]].append(r)
     for family, recs in sorted(by_family.items()):
         status = Counter(r["status"] for r in recs)
-        after = sum(r["status"] == "converts" and r["activations"] != list(RELU) for r in recs)
+        after = sum(r["status"] in CONVERTING and r["activations"] != list(RELU) for r in recs)
         kinds = Counter(k for r in recs if r["status"] == "refused" for k in r["kinds"])
         rows.append({
-            "family": family, "archs": len(recs), "converts": status["converts"], "after_silu_gelu": after,
-            "refused": status["refused"], "failed": status["failed"],
+            "family": family, "archs": len(recs), **{o: status[o] for o in OUTCOMES}, "after_silu_gelu": after,
             "reasons": ", ".join(f"{KIND_LABELS.get(k, k)} {n}" for k, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))),
         })
     return rows
@@ -354,56 +404,139 @@ def _stage2_cell(r: dict) -> str:
     return f"shape {r.get('shape')}, finite {r.get('finite')}"
 
 
+def _share(n: int, total: int) -> str:
+    return f"{100 * n / total:.1f} %" if total else "–"
+
+
+def _provenance_lines(summary: dict) -> list[str]:
+    m = summary["meta"]
+    changes = f", with uncommitted changes to {len(m['package_changes'])} package file(s)" if m["package_changes"] else ""
+    lines = [
+        f"Generated by `{m['command']}` on {m['date']} (commit {m['git_commit'][:10]}{changes}; timm {m['timm']}, "
+        f"qcfs_snntorch {m['qcfs_snntorch']}, Python {m['python']}). Edit the script, not this block.", "",
+    ]
+    runs = summary.get("runs", [])
+    if runs:
+        lines += ["The lines it reads were written by:", ""]
+        lines += [f"- `{r['command']}` (started {r['date']}, commit {r['git_commit'][:10]}, package sources "
+                  f"{r['package_hash']}; {r['machine']['cpu']}, {r['machine']['nproc']} cores, load {r['machine']['loadavg_1m']})"
+                  for r in runs]
+        lines.append("")
+    hashes = summary.get("stage1", {}).get("package_hashes", [])
+    if len(hashes) > 1:
+        lines += [f"**Stage 1's lines come from {len(hashes)} different package sources** ({', '.join(hashes)}).", ""]
+    return lines
+
+
+def _stage1_lines(summary: dict) -> list[str]:
+    t, listed = summary["stage1"]["totals"], summary.get("timm_names")
+    total, out = t["names"], t["outcomes"]
+    converting = sum(out.get(o, 0) for o in CONVERTING)
+    scope = f"all {total} names of `timm.list_models()`" if listed in (None, total) else \
+        f"**{total} of the {listed} names of `timm.list_models()`** (an unfinished run: the rest is not checked)"
+    comp = f"{out['compensated']} with compensated operations" if t["compensated_reported"] else \
+        "compensated operations: not a category of this package's `check`"
+    lines = [
+        "### Stage 1: `check` on every name (meta device)", "",
+        f"Checked: {scope}. **{converting} of {total} convert ({_share(converting, total)})**: "
+        f"{out['converts']} with IF neurons and linear operations only, {comp}.", "",
+        "| outcome | archs | share |", "|---|---|---|",
+    ]
+    for o, text in OUTCOMES.items():
+        n = out[o] if o != "compensated" or t["compensated_reported"] else "–"
+        lines.append(f"| {text} | **{n}** | {_share(n, total) if isinstance(n, int) else '–'} |")
+        if o == "compensated":
+            lines += [f"| — of the converting: with `activations=(\"relu\",)` (the default) | {t['converts_relu_only']} | |",
+                      f"| — of the converting: only with `activations=(\"relu\", \"silu\", \"gelu\")`: retrain | "
+                      f"{len(t['converts_after_silu_gelu'])} | |"]
+    lines += [f"| {o} (an outcome this table does not know) | **{n}** | {_share(n, total)} |" for o, n in out.items() if o not in OUTCOMES]
+    lines += [f"| total | {total} | |", "", "Refusals by reason (an architecture often has several):", "",
+              "| reason (`Problem.kind`) | refused archs | what it is |", "|---|---|---|",
+              *(f"| `{k}` | {n} | {KIND_TEXT.get(k, '')} |" for k, n in t["refusal_kinds"].items()), ""]
+    if t["converts_after_silu_gelu"]:
+        lines += ["Converting only after replacing SiLU/GELU as well: " + ", ".join(t["converts_after_silu_gelu"]) + ".", ""]
+    if t["failures"]:
+        lines += ["Failed:", "", *(f"- {name}: `{err}`" for name, err in sorted(t["failures"].items())), ""]
+    comp_head = "compensated | " if t["compensated_reported"] else ""
+    lines += [
+        "#### Per family", "",
+        "Families are timm's model modules. \"converts (n with SiLU/GELU)\": n of them only after replacing those groups "
+        "as well; \"activation left\" counts refused architectures that also have a non-ReLU activation.", "",
+        f"| family | archs | converts | {comp_head}refused | failed | refused because (archs per reason) |",
+        "|---|---|---|" + ("---|" if comp_head else "") + "---|---|---|",
+    ]
+    for row in summary["stage1"]["families"]:
+        conv = f"{row['converts']} ({row['after_silu_gelu']} with SiLU/GELU)" if row["after_silu_gelu"] else str(row["converts"])
+        comp_cell = f"{row['compensated']} | " if comp_head else ""
+        lines.append(f"| {row['family']} | {row['archs']} | {conv} | {comp_cell}{row['refused']} | {row['failed']} | {row['reasons']} |")
+    lines += ["", f"Model time (build + check, summed over lines): {t['model_seconds'] / 60:.1f} minutes.", ""]
+    return lines
+
+
+def _stage2_lines(records: list[dict], over_cap: dict[str, list[str]]) -> list[str]:
+    s = stage2_summary(records, over_cap)
+    lines = [
+        "### Stage 2: `convert` and one SNN forward", "",
+        f"**{s['ran']} of {s['sampled']} models convert and run a forward pass** "
+        f"({s['converted']} convert; {s['families']} families; {s['model_seconds'] / 60:.1f} minutes of model time).", "",
+        "| family | model | params (M) | input | converted | ran | seconds / error |", "|---|---|---|---|---|---|---|",
+    ]
+    yes = {True: "yes", False: "**no**"}
+    for r in sorted(records, key=lambda r: (r["family"], r["name"])):
+        lines.append(f"| {r['family']} | {r['name']} | {r['params_m']} | {r['size']} | {yes[r['converted']]} | {yes[r['ran']]} | {_stage2_cell(r)} |")
+    for family, names in over_cap.items():
+        lines.append(f"| {family} | all over the cap: {', '.join(names)} | | | — | — | skipped |")
+    return [*lines, ""]
+
+
 def markdown(summary: dict) -> str:
-    lines = [f"Produced by `{summary['meta']['command']}` on {summary['meta']['date']}.", ""]
-    t = summary.get("stage1", {}).get("totals")
-    if t:
-        lines += [
-            "### Stage 1: `check` on every name (meta device)", "",
-            "| | archs |", "|---|---|",
-            f"| converts | **{t['converts']}** |",
-            f"| — with `activations=(\"relu\",)` | {t['converts_relu_only']} |",
-            f"| — only with `activations=(\"relu\", \"silu\", \"gelu\")` | {len(t['converts_after_silu_gelu'])} |",
-            f"| refused | **{t['refused']}** |",
-            f"| failed (exception in `create_model` or `check`) | **{t['failed']}** |", "",
-            "| reason (`Problem.kind`) | refused archs |", "|---|---|",
-            *(f"| `{k}` | {n} |" for k, n in t["refusal_kinds"].items()), "",
-            "| family | archs | converts | refused | failed | refused because (archs per reason) |",
-            "|---|---|---|---|---|---|",
-        ]
-        for row in summary["stage1"]["families"]:
-            conv = f"{row['converts']} ({row['after_silu_gelu']} with SiLU/GELU)" if row["after_silu_gelu"] else str(row["converts"])
-            lines.append(f"| {row['family']} | {row['archs']} | {conv} | {row['refused']} | {row['failed']} | {row['reasons']} |")
-        lines.append("")
-    s2 = summary.get("stage2")
-    if s2:
-        s = s2["summary"]
-        lines += [
-            "### Stage 2: `convert` and one SNN forward on a sample", "",
-            f"**{s['ran']} of {s['sampled']} sampled models convert and run a forward pass** "
-            f"({s['converted']} convert; {s['families']} families).", "",
-            "| family | model | params (M) | input | converted | ran | seconds / error |", "|---|---|---|---|---|---|---|",
-        ]
-        for r in s2["records"]:
-            yes = {True: "yes", False: "**no**"}
-            lines.append(
-                f"| {r['family']} | {r['name']} | {r['params_m']} | {r['size']} | {yes[r['converted']]} | {yes[r['ran']]} | {_stage2_cell(r)} |"
-            )
-        for family, names in s["families_over_cap"].items():
-            lines.append(f"| {family} | all over the cap: {', '.join(names)} | | | — | — | skipped |")
-        lines.append("")
+    """The generated part of docs/COVERAGE.md: provenance, stage 1's outcomes and reasons, stage 2's runs."""
+    lines = _provenance_lines(summary)
+    if summary.get("stage1", {}).get("totals", {}).get("names"):
+        lines += _stage1_lines(summary)
+    if summary.get("stage2_all"):
+        lines += _stage2_lines(summary["stage2_all"], summary.get("stage2", {}).get("summary", {}).get("families_over_cap", {}))
+    else:
+        lines += ["### Stage 2", "", "Not run for this census (no `stage2.jsonl` in the out-dir).", ""]
     return "\n".join(lines)
+
+
+def write_doc(doc: Path, block: str) -> None:
+    """Replace the generated block of ``doc`` (between its markers); the prose around it stays."""
+    text = doc.read_text() if doc.is_file() else ""
+    if text.count(MARK_START) != 1 or text.count(MARK_END) != 1:
+        raise SystemExit(f"--doc {doc}: needs exactly one {MARK_START} and one {MARK_END} line (where the tables go)")
+    before, rest = text.split(MARK_START)
+    _, after = rest.split(MARK_END)
+    doc.write_text(f"{before}{MARK_START}\n{block}\n{MARK_END}{after}")
 
 
 # ---------------------------------------------------------------- main
 
 
+def shard(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N (e.g. 0/2), got {text!r}") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 0 <= K < N, got {text!r}")
+    return k, n
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["1", "2", "all"], default="all")
+    ap.add_argument("--stage", choices=["1", "2", "all", "report"], default="all",
+                    help="report: run nothing, only write the summaries (and --doc) from the lines in --out-dir")
+    ap.add_argument("--doc", type=Path, help="also write the tables into this file between its coverage_census markers "
+                                             "(docs/COVERAGE.md)")
     ap.add_argument("--out-dir", type=Path, default=ROOT / "runs" / "coverage_census")
     ap.add_argument("--names", nargs="+", help="only these timm names (stage 2: run exactly these)")
     ap.add_argument("--limit", type=int, help="stage 1: only the first N names of timm.list_models()")
+    ap.add_argument("--shard", type=shard, default=(0, 1), metavar="K/N",
+                    help="stage 1: only every N-th name from the K-th (0-based); run N processes with one out-dir "
+                         "(each appends whole lines) to use N cores")
+    ap.add_argument("--shuffle", type=int, metavar="SEED", help="stage 1: check the names in a random order")
     ap.add_argument("--extra", type=int, default=15, help="stage 2: random converting models beyond one per family")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-params", type=float, default=150.0, help="stage 2: skip models over this many million parameters")
@@ -418,8 +551,15 @@ def main(argv: list[str]) -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     meta, fams = provenance(argv), families()
     path1, path2 = args.out_dir / "stage1.jsonl", args.out_dir / "stage2.jsonl"
-    summary: dict = {"meta": meta, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    summary: dict = {"meta": meta, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                     "timm_names": len(timm.list_models())}
+    if args.stage != "report":  # which commands wrote the lines: the doc's header lists them
+        append_jsonl(args.out_dir / "runs.jsonl", {"name": f"{meta['date']} {meta['command']}", **{k: meta[k] for k in ("date", "command", "git_commit", "package_hash", "machine")}})
     names = args.names or timm.list_models()[: args.limit]
+    if args.stage == "1":
+        if args.shuffle is not None:  # an interrupted run has then checked a random sample, not the first letters
+            names = random.Random(args.shuffle).sample(names, len(names))
+        names = names[args.shard[0]:: args.shard[1]]
     if args.stage in ("1", "all"):
         summary["stage1"] = {"wall_s_this_run": round(run_stage1(names, fams, path1, meta["package_hash"]), 1)}
     stage1 = read_jsonl(path1)
@@ -428,7 +568,7 @@ def main(argv: list[str]) -> None:
             missing = [n for n in args.names if n not in stage1]
             run_stage1(missing, fams, path1, meta["package_hash"])
             stage1 = read_jsonl(path1)
-            picked, over_cap = [n for n in args.names if stage1[n]["status"] == "converts"], {}
+            picked, over_cap = [n for n in args.names if stage1[n]["status"] in CONVERTING], {}
             if len(picked) < len(args.names):
                 print(f"stage 2: not converting by stage 1, not run: {sorted(set(args.names) - set(picked))}", flush=True)
         else:
@@ -439,11 +579,16 @@ def main(argv: list[str]) -> None:
         summary["stage2"] = {"wall_s_this_run": round(wall, 1), "picked": picked,
                              "summary": stage2_summary(records2, over_cap), "records": records2}
     records1 = list(stage1.values())
+    summary["runs"] = list(read_jsonl(args.out_dir / "runs.jsonl").values())
+    summary["stage2_all"] = list(read_jsonl(path2).values())
     summary.setdefault("stage1", {}).update(totals=stage1_totals(records1), families=family_rows(records1),
                                             package_hashes=sorted({r["package_hash"] for r in records1}), records=records1)
     (args.out_dir / "coverage_census.json").write_text(json.dumps(summary, indent=1))
-    (args.out_dir / "coverage_census.md").write_text(markdown(summary))
-    print(markdown(summary))
+    block = markdown(summary)
+    (args.out_dir / "coverage_census.md").write_text(block)
+    if args.doc:
+        write_doc(args.doc, block)
+    print(block)
 
 
 if __name__ == "__main__":

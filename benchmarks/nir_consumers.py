@@ -72,7 +72,8 @@ def _affine(node):
 
 
 def _flatten(node):
-    # NIR's dims exclude the batch; nirtorch's default map passes them to torch as they are.
+    # NIR's dims exclude the batch; nirtorch's default map passes them to torch as they are, which is right
+    # only for dims counted from the end (what this project writes since issue 22; older files count from 0).
     shift = lambda d: int(d) + 1 if int(d) >= 0 else int(d)  # noqa: E731
     return torch.nn.Flatten(shift(node.start_dim), shift(node.end_dim))
 
@@ -85,16 +86,46 @@ def plain_module(graph, **rules):
     return nirtorch.nir_to_torch(graph, node_map)
 
 
-def run_stepwise(module, x: torch.Tensor, steps: int) -> torch.Tensor:
-    """Per-step outputs ``[T, B, …]`` of a module called once per step as ``out, state = module(x, state)``."""
+def run_stepwise(module, x: torch.Tensor, steps: int, read=None) -> torch.Tensor:
+    """Per-step outputs ``[T, B, …]`` of a module called once per step as ``out, state = module(x, state)``.
+
+    ``read(out, state)`` picks the output from what the module returns (default: ``out``).
+    """
+    read = read or (lambda out, state: out)
     outputs = []
     with torch.no_grad():
         out, state = module(x)  # nirtorch 2.0.2's modules take their first state from a default argument
-        outputs.append(out)
+        outputs.append(read(out, state))
         for _ in range(steps - 1):
             out, state = module(x, state)
-            outputs.append(out)
+            outputs.append(read(out, state))
     return torch.stack(outputs)
+
+
+def output_node(graph) -> tuple[str, list[str]]:
+    """The graph's Output node and the nodes feeding it."""
+    import nir
+
+    (name,) = [name for name, node in graph.nodes.items() if isinstance(node, nir.Output)]
+    return name, [src for src, dst in graph.edges if dst == name]
+
+
+def read_output(graph):
+    """``read`` for modules of ``nirtorch.load`` (sinabs, norse): the graph's output from the returned state.
+
+    ``nirtorch.load``'s module returns the last node it ran (depth first: in a residual network a
+    branch, not the classifier) and keeps every node's value in ``state.cache``. The Output node
+    is there where the consumer maps it to a module (sinabs: Identity); where it maps it to
+    nothing (norse) its value is the sum of its inputs' values.
+    """
+    name, sources = output_node(graph)
+
+    def read(out, state):
+        if name in state.cache:
+            return state.cache[name]
+        return torch.stack([state.cache[src] for src in sources]).sum(0)
+
+    return read
 
 
 def accuracies(per_step: torch.Tensor, labels: torch.Tensor) -> list[float]:
@@ -216,16 +247,28 @@ FACTORS = (0.5, 0.55, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0)
 # -- step 2 (the consumers' venv) -----------------------------------------------------------------------------
 
 
-def _sinabs_run(model, x: torch.Tensor, steps: int) -> torch.Tensor:
+def _sinabs_call(model, x: torch.Tensor, steps: int):
     """sinabs' squeezed layers take ``[B·T, …]`` (batch-major) in one call."""
     import sinabs
 
     sinabs.reset_states(model)
     batch = x.shape[0]
     with torch.no_grad():
-        out = model(x.unsqueeze(1).expand(batch, steps, *x.shape[1:]).reshape(batch * steps, *x.shape[1:]))
-    out = out[0] if isinstance(out, tuple) else out
-    return out.reshape(batch, steps, -1).transpose(0, 1)
+        return model(x.unsqueeze(1).expand(batch, steps, *x.shape[1:]).reshape(batch * steps, *x.shape[1:]))
+
+
+def _sinabs_run(model, x: torch.Tensor, steps: int, read=None) -> torch.Tensor:
+    """Per-step outputs ``[T, B, …]``; ``read(out, state)`` as in :func:`run_stepwise` for a module that returns a state."""
+    result = _sinabs_call(model, x, steps)
+    out = (read or (lambda out, state: out))(*result) if isinstance(result, tuple) else result
+    return out.reshape(x.shape[0], steps, -1).transpose(0, 1)
+
+
+def _returned_node(model, x: torch.Tensor, steps: int) -> str:
+    """Which node's value ``nirtorch.load``'s module returns, and its shape per sample and step."""
+    out, state = _sinabs_call(model, x, steps)
+    name = next(name for name, value in state.cache.items() if value is out)
+    return f"node {name!r}, {list(out.shape[1:])} per sample and step"
 
 
 def consumers(args) -> None:
@@ -240,9 +283,44 @@ def consumers(args) -> None:
     path = str(out / "portable.nir")
     _measure(results, "nir.read: nodes", lambda: len(nir.read(path).nodes))
     _measure(results, "nirtorch.nir_to_torch, plain map, our rules", lambda: accuracies(run_stepwise(plain_module(nir.read(path)), x, steps), y))
+    _measure(results, "nirtorch.load on y = x + 10·x (the reproducer in docs/NIR.md)", _load_reproducer)
     for consumer in (_sinabs, _norse, _snntorch):
         consumer(results, path, x, y, steps)
     (out / f"consumers-{args.label}.json").write_text(json.dumps(results, indent=1))
+
+
+def _load_reproducer() -> str:
+    """docs/NIR.md's reproducer of ``nirtorch.load``'s order: what it returns and what its Output node holds."""
+    import nir
+    import nirtorch
+
+    def affine(w):
+        return nir.Affine(weight=np.float32(w) * np.eye(2, dtype=np.float32), bias=np.zeros(2, np.float32))
+
+    graph = nir.NIRGraph(  # y = 1·x + 10·x
+        nodes={"input": nir.Input(input_type=np.array([2])), "skip": affine(1), "branch": affine(10),
+               "sum": affine(1), "output": nir.Output(output_type=np.array([2]))},
+        edges=[("input", "skip"), ("skip", "sum"), ("input", "branch"), ("branch", "sum"), ("sum", "output")],
+    )
+
+    def to_torch(node):
+        if isinstance(node, nir.Affine):
+            linear = torch.nn.Linear(2, 2)
+            linear.weight.data, linear.bias.data = torch.as_tensor(node.weight), torch.as_tensor(node.bias)
+            return linear
+        if isinstance(node, nir.Output):  # as sinabs maps it: the state then holds the graph's output
+            return torch.nn.Identity()
+        return None
+
+    module = nirtorch.load(graph, to_torch)
+    with torch.no_grad():
+        out1, state = module(torch.ones(1, 2))
+        y1 = state.cache["output"]
+        out2, state = module(2 * torch.ones(1, 2), state)
+        y2 = state.cache["output"]
+    value = lambda t: f"{float(t[0, 0]):g}"  # noqa: E731
+    return (f"Output node {value(y1)}, {value(y2)} at steps 1, 2 (right: 11, 22); the module returns "
+            f"{value(out1)}, {value(out2)}")
 
 
 def _versions() -> dict:
@@ -267,7 +345,9 @@ def _sinabs(results, path, x, y, steps) -> None:
         results["sinabs"] = {"error": f"not installed: {exc}"}
         return
     batch = x.shape[0]
-    _measure(results, "sinabs", lambda: accuracies(_sinabs_run(sinabs.from_nir(nir.read(path), batch_size=batch), x, steps), y))
+    graph = nir.read(path)
+    _measure(results, "sinabs", lambda: accuracies(_sinabs_run(sinabs.from_nir(graph, batch_size=batch), x, steps, read_output(graph)), y))
+    _measure(results, "sinabs: what its module returns first", lambda: _returned_node(sinabs.from_nir(graph, batch_size=4), x[:4], steps))
 
     def own_map_current_loader():
         import nirtorch
@@ -290,7 +370,8 @@ def _norse(results, path, x, y, steps) -> None:
     except ImportError as exc:
         results["norse"] = {"error": f"not installed: {exc}"}
         return
-    _measure(results, "norse", lambda: accuracies(run_stepwise(norse.from_nir(nir.read(path)), x, steps), y))
+    graph = nir.read(path)
+    _measure(results, "norse", lambda: accuracies(run_stepwise(norse.from_nir(graph), x, steps, read_output(graph)), y))
 
     def own_map_current_loader(file):
         import nirtorch
@@ -331,22 +412,78 @@ def _cell(entry: dict | None) -> str:
     return " / ".join(f"{v:.1f}" for v in value) if isinstance(value, list) else str(value)
 
 
+# What each row measures, by the start of its key (first match wins); {factor} is the chosen threshold factor.
+ROW_TEXT = (
+    ("our SNN", "qcfs_snntorch's SNN with the run's final weights: the reference"),
+    ("simulate_nir, portable file with threshold_factor", "the reset-to-zero file under our rules (which divide the "
+     "factor back): equals our SNN when the factor is written faithfully"),
+    ("simulate_nir, portable file, NIR's rules", "our NIR simulator on the portable file under NIR 1.0.8's IF (v(0) = 0, "
+     "reset to 0, >): what a consumer that ignores our metadata computes"),
+    ("simulate_nir, metadata file, NIR's rules", "the same for the metadata-form file"),
+    ("simulate_nir, portable file", "our NIR simulator honouring the metadata (v_initial, subtract, >=) on the portable "
+     "file: equals our SNN up to float ties"),
+    ("simulate_nir, metadata file", "the same on the metadata-form file"),
+    ("outputs unlike our SNN's", "image-steps whose output differs from our SNN's by more than 1e-4 (exact ties in float "
+     "rounding)"),
+    ("nirtorch.nir_to_torch, portable file with threshold_factor", "the file written with thresholds × {factor} "
+     "(factor chosen on training images, below) run with NIR 1.0.8's IF: what reset-to-zero consumers get from it"),
+    ("nirtorch.nir_to_torch, portable file, IF: our rules", "nirtorch's current loader, plain node map, IF with all our "
+     "rules: equals our SNN"),
+    ("nirtorch.nir_to_torch, portable file, IF:", "the same with one of NIR's IF rules instead of ours (an ablation): "
+     "what that rule alone costs"),
+    ("nir.read: nodes", "nodes nir.read finds in the portable file (this venv's nir)"),
+    ("nirtorch.nir_to_torch, plain map, our rules", "this venv's nirtorch.nir_to_torch, plain node map with our IF rules: "
+     "whether the loader itself runs the file"),
+    ("nirtorch.load on y = x + 10·x", "nirtorch.load's depth-first order on a two-branch sum (the reproducer below)"),
+    ("sinabs: what its module returns first", "what sinabs.from_nir's module returns (nirtorch.load returns the last "
+     "node it ran, not the Output node)"),
+    ("sinabs, its node map", "sinabs' own node map (a private function) in the current nirtorch.nir_to_torch instead of "
+     "nirtorch.load: what sinabs' neuron (IAFSqueeze) alone costs"),
+    ("sinabs", "sinabs.from_nir (nirtorch.load, IAFSqueeze neurons), all T steps in one call; prediction read from "
+     "the graph's Output node in the returned state"),
+    ("norse, its node map", "norse's own node map (a private function) in the current nirtorch.nir_to_torch, Flatten "
+     "dims shifted past the batch: what norse's neuron (NIR's IF, reset to zero) alone costs"),
+    ("norse, the same, on", "the same on the file with thresholds × {factor} (written for reset-to-zero consumers)"),
+    ("norse", "norse.torch.from_nir (nirtorch.load, IAFCell neurons), step by step; prediction read from the "
+     "Output node's input in the returned state"),
+    ("snntorch", "snntorch.import_nir.import_from_nir, step by step"),
+)
+
+
+def describe(key: str, factor: float) -> str:
+    text = next((text for start, text in ROW_TEXT if key.startswith(start)), None)
+    if text is None:
+        raise KeyError(f"no ROW_TEXT entry says what the row {key!r} measures")
+    return text.format(factor=factor)
+
+
+def _rows(results: dict, factor: float) -> list[str]:
+    return [f"| {key} | {describe(key, factor)} | {_cell(value)} |" for key, value in results.items()
+            if isinstance(value, dict) and "agreement" not in key]
+
+
 def table(args) -> None:
     out = Path(args.out)
     prepared = json.loads((out / "prepare.json").read_text())
-    lines = [
-        f"Run: `{prepared['run_dir']}` ({prepared['weights']}), {prepared['images']} test images; top-1 (%) at T = 8 / 16 / 32.",
-        "", "| this project's venv (nir 1.0.8, nirtorch 2.6) | T = 8 / 16 / 32 |", "|---|---|",
-    ]
-    lines += [f"| {key} | {_cell(value)} |" for key, value in prepared.items() if isinstance(value, dict) and "agreement" not in key]
     factors = prepared["reset-to-zero threshold factor: agreement with our SNN on 256 training images"]
-    lines += ["", "Threshold factor for reset-to-zero consumers, agreement of NIR 1.0.8's IF with our SNN's predictions "
-              "on 256 training images (no labels, no test images): " + ", ".join(f"{k}: {v:.3f}" for k, v in factors.items()) + "."]
+    factors = {float(k): v for k, v in factors.items()}
+    factor = max(factors, key=factors.get)  # what prepare picked and wrote portable-reset-to-zero.nir with
+    head = "| row | what it measures | top-1 (%) at T = 8 / 16 / 32, or the result |"
+    lines = [
+        f"Generated by `python benchmarks/nir_consumers.py table --out {args.out} --doc {args.doc}` from the run "
+        f"`{prepared['run_dir']}` ({prepared['weights']}), {prepared['images']} test images. Edit the script, not this block.",
+        "", "In this project's venv (nir 1.0.8, nirtorch 2.6):", "", head, "|---|---|---|", *_rows(prepared, factor), "",
+        "**Threshold factor** for consumers that reset to zero: the benchmark exports the portable file with every "
+        "threshold × c for each c below, runs it with NIR 1.0.8's IF on 256 training images (no labels, no test images), "
+        "and measures the agreement of its predictions with our SNN's (mean over T = 8, 16, 32): "
+        + ", ".join(f"{k:g}: {v:.3f}" for k, v in factors.items())
+        + f". **It picks c = {factor:g}** on this run (the highest agreement), and writes `portable-reset-to-zero.nir` with it.",
+    ]
     for path in sorted(out.glob("consumers-*.json")):
         measured = json.loads(path.read_text())
         versions = ", ".join(f"{k} {v}" for k, v in measured["versions"].items() if v)
-        lines += ["", f"| consumers' venv `{path.stem.removeprefix('consumers-')}` ({versions}) | T = 8 / 16 / 32 |", "|---|---|"]
-        lines += [f"| {key} | {_cell(value)} |" for key, value in measured.items() if key != "versions"]
+        lines += ["", f"Consumers' environment `{path.stem.removeprefix('consumers-')}` ({versions}):", "",
+                  head, "|---|---|---|", *_rows({k: v for k, v in measured.items() if k != "versions"}, factor)]
     doc = Path(args.doc)
     start, end = "<!-- nir_consumers table: start -->", "<!-- nir_consumers table: end -->"
     before, rest = doc.read_text().split(start)

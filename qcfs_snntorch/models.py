@@ -297,10 +297,15 @@ def start_residual_branches(model: nn.Module) -> int:
     nothing yet (a strided 1×1 shortcut sees only the image corner, constant on digit-like
     images) never starts to train: a RegNet stayed at chance on digits. With started branches
     one short epoch is clearly above chance on every family of tests/test_trust.py.
+
+    A model built on the ``meta`` device (benchmarks/coverage_census.py checks the structure
+    of every timm name that way) has no values to look at: its BatchNorms are left alone.
     """
     count = 0
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None and not module.weight.any():
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.weight is None or module.weight.is_meta:
+            continue
+        if not module.weight.any():
             module.weight.fill_(1.0)
             count += 1
     return count

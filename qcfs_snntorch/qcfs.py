@@ -63,9 +63,9 @@ def qcfs(z: torch.Tensor, threshold: torch.Tensor, levels: int, shift: float = 0
     """Functional QCFS; ``threshold`` is λ (a tensor broadcastable to ``z``), used clamped to
     :data:`MIN_THRESHOLD` with a straight-through gradient, so a λ pushed below it (by weight
     decay, say) computes as that minimum and can still be pulled back."""
-    with torch.no_grad():
-        correction = threshold.clamp_min(MIN_THRESHOLD) - threshold
-    threshold = threshold + correction
+    # Straight-through and exact: λ − λ is 0 (gradient 1); adding a correction (clamp(λ) − λ) to λ would
+    # round to 0 for a large negative λ (−1e4: 1e4 + 1e-4 is 1e4 in fp32) and divide by zero.
+    threshold = (threshold - threshold.detach()) + threshold.detach().clamp_min(MIN_THRESHOLD)
     if threshold.dtype != z.dtype:
         # Under autocast z may be bf16/fp16 while λ stays fp32: compute in z's dtype.
         threshold = threshold.to(z.dtype)

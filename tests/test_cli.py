@@ -47,15 +47,19 @@ def test_quickstart_writes_every_output(quickstart):
 
 def test_quickstart_learns_and_fine_tuning_helps(quickstart):
     """Accuracies that can fail: a trained digits ANN is far above chance (10 %), the SNN approaches it as T grows,
-    and fine-tuning at T = 2 does not make T = 2 worse on the split it chose on, nor on the test split."""
+    and fine-tuning at T = 2 does not make T = 2 worse on the split it chooses on (validation), by not even one
+    image; the test split is not judged (a choice on validation may cost a test image), except that keeping the
+    SNN from before fine-tuning changes nothing."""
     _, report = quickstart
     ann, snn, ft = report["ann"], report["snn"], report["finetune"]
     assert ann["top1"] > 0.85 and ann["val_top1"] > 0.85
     assert snn["top1"][-1] > ann["top1"] - 0.05 and snn["top1"][-1] >= snn["top1"][0]
     # finetune.keep=best: the SNN kept is the best on validation of every epoch, the start (epoch 0) included
+    scores = [ft["val_top1_before"]] + [h["eval_top1"] for h in ft["history"]]
     assert ft["val_top1_after"] >= ft["val_top1_before"]
-    assert ft["val_top1_after"] == max([ft["val_top1_before"]] + [h["eval_top1"] for h in ft["history"]])
-    assert ft["top1_after"] >= ft["top1_before"] - 0.02
+    assert ft["val_top1_after"] == max(scores) == scores[ft["kept_epoch"]]
+    if ft["kept_epoch"] == 0:
+        assert ft["top1_after"] == ft["top1_before"]
 
 
 def test_a_later_stage_starts_from_a_saved_checkpoint(quickstart, tmp_path):

@@ -64,7 +64,9 @@ def test_small_net_file_structure_and_thresholds(small, tmp_path):
     assert _types(graph) == Counter(Input=1, Conv2d=3, IF=3, AvgPool2d=1, Flatten=1, Affine=1, Output=1)
     assert _incoming(graph, "act2") == {"conv2", "stem_2"}  # the residual add: two edges into the IF
     assert _incoming(graph, "output") == {"fc"}
-    assert graph.nodes["flatten"].start_dim == 0  # NIR shapes have no batch dimension
+    # NIR shapes have no batch dimension; dims counted from the end mean the same with one (batched torch).
+    flatten = graph.nodes["flatten"]
+    assert (flatten.start_dim, flatten.end_dim) == (-len(flatten.input_type["input"]), -1)
     assert graph.metadata["portable"] == "no: asked for with portable=False"
 
     neurons = dict(snn.net.named_modules())

@@ -65,6 +65,30 @@ def test_tet_loss_is_mean_of_per_step_losses():
     torch.testing.assert_close(tet_loss(outputs, labels), expected)
 
 
+def test_tet_regulariser_with_a_weight():
+    """TET's MSE term (weight > 0): (1 − w)·mean-CE + w·MSE(O_t, φ), pulling every step's output toward φ."""
+    outputs = torch.randn(3, 4, 5, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, 3])
+    weight, target = 0.3, 0.5
+    loss = tet_loss(outputs, labels, weight=weight, target=target)
+    ce = torch.stack([torch.nn.functional.cross_entropy(o, labels) for o in outputs]).mean()
+    torch.testing.assert_close(loss, (1 - weight) * ce + weight * ((outputs - target) ** 2).mean())
+    (with_mse,) = torch.autograd.grad(loss, outputs)
+    (without,) = torch.autograd.grad(tet_loss(outputs, labels), outputs)
+    # the gradient is (1 − w)·∂CE + w·2(O − φ)/N: the regulariser's part is exactly that
+    torch.testing.assert_close(with_mse - (1 - weight) * without, weight * 2 * (outputs - target).detach() / outputs.numel())
+    # and it is what fine-tuning with finetune.loss=tet, finetune.tet_weight > 0 optimises
+    snn = qs.convert(qs.create_model("test_resnet", num_classes=5, in_chans=1))
+    images = torch.randn(4, 1, 8, 8)
+    task = SpikingFinetune(2, loss="tet", tet_weight=weight, tet_target=target)
+    torch.manual_seed(0)
+    result = task(snn, images, labels, step=0)
+    with torch.no_grad():
+        steps = snn(images, timesteps=2).float()
+    torch.testing.assert_close(result["loss"], tet_loss(steps, labels, weight=weight, target=target))
+    assert not torch.allclose(result["loss"], SpikingFinetune(2, loss="tet")(snn, images, labels, step=0)["loss"])
+
+
 def test_distillation_loss_is_zero_only_when_the_student_matches():
     teacher = torch.randn(4, 5)
     assert distillation_loss(teacher.clone(), teacher).item() == pytest.approx(0.0, abs=1e-6)
@@ -105,6 +129,25 @@ def test_random_timesteps_are_drawn_from_the_choices_by_step():
     again = SpikingFinetune(2, timesteps_choices=[1, 3], seed=0)
     assert [again.steps_for(step) for step in range(20)] == seen
     assert [SpikingFinetune(2, timesteps_choices=[1, 3], seed=1).steps_for(s) for s in range(20)] != seen
+
+
+@pytest.mark.parametrize("method", ["channel", "layer"])
+def test_potential_calibration_of_graded_neurons(trained, method):
+    """v(0) calibration of a graded SNN (snn.max_spikes=2: QCFS at L = 2·T) removes its systematic offset too,
+    and does not cost accuracy at the T it was fitted for."""
+    from qcfs_snntorch.calibration import calibrate_potentials
+
+    ann, loader, test_loader, accelerator, _ = trained
+    calib_x = torch.cat([x for x, _ in loader])[:256]
+    plain = evaluate_snn(qs.convert(ann, max_spikes=2), test_loader, [1], accelerator)[0]
+    snn = qs.convert(ann, max_spikes=2)
+    fitted = calibrate_potentials(ann, snn, calib_x, 1, [method])
+    calibrated = evaluate_snn(snn, test_loader, [1], accelerator)[0]
+    assert all(n.rule.max_spikes == 2 for n in snn.neurons())
+    assert any(n.initial_offset.abs().sum() > 0 for n in snn.neurons())
+    factor = 0.75 if method == "channel" else 1.0
+    assert sum(layer["offset_after"] for layer in fitted["layers"]) < factor * sum(layer["offset_before"] for layer in fitted["layers"])
+    assert calibrated >= plain - 1 / 360, (plain, calibrated)  # at most one test image's worth
 
 
 @pytest.mark.parametrize("method", ["channel", "layer"])

@@ -49,6 +49,19 @@ def test_relu_and_maxpool_replaced():
     assert model.qcfs_surgery["pooling"] == {"MaxPool2d": 1}
 
 
+def test_residual_network_builds_on_the_meta_device():
+    """benchmarks/coverage_census.py builds every timm name on the meta device; a residual
+    network's zero-initialised branch BatchNorms have no values there and must be skipped,
+    not read (``.any()`` on a meta tensor raises)."""
+    with torch.device("meta"):
+        model = create_model("test_resnet", num_classes=10)
+    assert all(p.is_meta for p in model.parameters())
+    assert model.qcfs_surgery["residual_branches_started"] == 0
+    assert check(model).convertible
+    # On a real device the same branches are started (γ = 1), as training needs.
+    assert create_model("test_resnet", num_classes=10).qcfs_surgery["residual_branches_started"] > 0
+
+
 def test_relu6_replaced():
     model = create_model("mobilenetv2_035", num_classes=10, depth_multiplier=0.01)
     assert _count(model, nn.ReLU6) == 0

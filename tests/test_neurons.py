@@ -149,3 +149,24 @@ def test_initial_offset_shifts_v0():
     # v(0) = 0.75: an input of 0.25 reaches θ at the first step
     assert snn(torch.tensor([0.25]), timesteps=1).item() == 1.0
     assert "initial_offset" in n.state_dict()
+
+
+@pytest.mark.parametrize("neuron", ["binary", "graded"])
+@pytest.mark.parametrize("learned", [-0.5, -1e4, -1e8])
+def test_a_threshold_learned_below_zero_computes_as_the_minimum(neuron, learned):
+    """θ pushed below zero by fine-tuning acts as MIN_THRESHOLD exactly, in v(0), the spikes and the reset:
+    the same outputs and membrane as a neuron built with that θ, finite gradients, and θ can recover."""
+    from qcfs_snntorch.neurons import MIN_THRESHOLD, GradedIFNeuron
+
+    make = (lambda theta: IFNeuron(theta, learn_threshold=True)) if neuron == "binary" else (
+        lambda theta: GradedIFNeuron(theta, max_spikes=2, learn_threshold=True))
+    pushed, reference = make(1.0), make(MIN_THRESHOLD)
+    with torch.no_grad():
+        pushed.threshold.fill_(learned)
+    x = torch.tensor([-2e-4, 0.0, 3e-5, 2e-4, 1.0]).requires_grad_()
+    out = SpikingModel(nn.Sequential(pushed))(x, timesteps=4)
+    expected = SpikingModel(nn.Sequential(reference))(x.detach(), timesteps=4)
+    assert torch.equal(out.detach(), expected), (out, expected)
+    torch.testing.assert_close(pushed.mem, reference.mem, rtol=0, atol=0)
+    out.sum().backward()
+    assert torch.isfinite(pushed.threshold.grad).all() and torch.isfinite(x.grad).all()

@@ -41,7 +41,9 @@ def _affine(node: nir.Affine) -> nn.Linear:
 
 
 def _flatten(node: nir.Flatten) -> nn.Flatten:
-    return nn.Flatten(int(node.start_dim) + 1, int(node.end_dim) + 1 if int(node.end_dim) >= 0 else -1)
+    # NIR's dims exclude the batch: one counted from the start moves past it, one from the end stays.
+    shift = lambda d: int(d) + 1 if int(d) >= 0 else int(d)  # noqa: E731
+    return nn.Flatten(shift(node.start_dim), shift(node.end_dim))
 
 
 NODE_MAP = {nir.IF: SubtractIF, nir.Affine: _affine, nir.Flatten: _flatten}
@@ -95,3 +97,37 @@ def test_nirtorch_default_maps_the_plain_map_replaces():
     assert not torch.equal(linear.bias.detach(), torch.as_tensor(bias))
     flatten = nirtorch.nir_to_torch(nir.Flatten(input_type={"input": np.array([2, 3])}, start_dim=0, end_dim=-1), {})
     assert flatten(torch.zeros(4, 2, 3)).shape == (24,)
+
+
+@pytest.mark.parametrize("build", [_small, _quickstart_network])
+def test_flatten_dims_mean_the_same_batched_in_consumers_that_pass_them_to_torch(build, tmp_path):
+    """norse, snnTorch and nirtorch's default map hand NIR's Flatten dims straight to
+    torch.nn.Flatten. Written from the end (start_dim=-3, end_dim=-1 for [C, H, W]) they flatten
+    the right dims of a batch: the whole file with nirtorch's own Flatten map is our SNN on a
+    batch of 16, and snnTorch's import_from_nir runs the file's Flatten and classifier batched."""
+    from snntorch.import_nir import import_from_nir
+
+    snn, x = build()
+    path = tmp_path / "snn.nir"
+    export_nir(snn, path, x[:1])
+    graph = nir.read(path)
+    flatten = next(node for node in graph.nodes.values() if isinstance(node, nir.Flatten))
+    assert int(flatten.start_dim) < 0 and int(flatten.end_dim) < 0
+
+    default_flatten = {key: value for key, value in NODE_MAP.items() if key is not nir.Flatten}
+    steps = 8
+    with torch.no_grad():
+        ours = snn(x, timesteps=steps)
+    torch.testing.assert_close(_run(nirtorch.nir_to_torch(graph, default_flatten), x, steps), ours, atol=1e-5, rtol=1e-5)
+
+    # snnTorch maps IF to a leaky neuron returning tuples (docs/NIR.md), so only the tail after the
+    # last neuron goes through its importer: Flatten and the classifier, as the file has them.
+    name = next(name for name, node in graph.nodes.items() if node is flatten)
+    (classifier,) = [dst for src, dst in graph.edges if src == name]
+    tail = nir.NIRGraph.from_list(flatten, graph.nodes[classifier])
+    features = torch.rand(len(x), *(int(n) for n in flatten.input_type["input"]))
+    with torch.no_grad():
+        out = import_from_nir(tail)(features)
+    out = out[0] if isinstance(out, tuple) else out
+    expected = features.flatten(1) @ torch.as_tensor(graph.nodes[classifier].weight).T + torch.as_tensor(graph.nodes[classifier].bias)
+    torch.testing.assert_close(out, expected)

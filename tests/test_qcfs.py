@@ -102,3 +102,20 @@ def test_a_threshold_learned_below_zero_is_clamped_and_can_recover():
     torch.testing.assert_close(out, torch.tensor([0.0, 0.0, MIN_THRESHOLD * 0.5, MIN_THRESHOLD]), rtol=1e-3, atol=0)
     out.sum().backward()
     assert act.threshold.grad is not None and act.threshold.grad.item() > 0  # above the range: ∂a/∂λ = 1 pulls λ up
+
+
+@pytest.mark.parametrize("learned", [-0.5, -1e4, -1e8])
+def test_a_large_negative_threshold_computes_as_exactly_the_minimum(learned):
+    """However far below zero λ went, it computes as MIN_THRESHOLD exactly (not as 0: a division by zero),
+    with the straight-through gradient of λ itself."""
+    from qcfs_snntorch.qcfs import MIN_THRESHOLD
+
+    act = QCFS(levels=4, threshold=1.0)
+    with torch.no_grad():
+        act.threshold.fill_(learned)
+    z = torch.tensor([-1.0, 0.0, 5e-5, 1.0])
+    out = act(z)
+    expected = QCFS(levels=4, threshold=MIN_THRESHOLD)(z).detach()
+    assert torch.equal(out.detach(), expected), (out, expected)
+    out.sum().backward()
+    assert torch.isfinite(act.threshold.grad).all() and act.threshold.grad.item() > 0

@@ -502,9 +502,12 @@ class _Exporter:
             if (start, end) != (1, ndim - 1):
                 raise NotPortableError(f"export_nir: {path!r} flattens part of a map that the portable form carries "
                                        f"flattened already (since {self.dense_cause}); {_REMEDY}")
-            start_dim, end_dim = 0, -1
+            start_dim, end_dim = -len(inp.nir_shape), -1
         else:
-            start_dim, end_dim = start - 1, -1 if end == ndim - 1 else end - 1
+            # Counted from the end: a dim of NIR (no batch) and the same dim of batched torch are then one
+            # number, so consumers that hand NIR's dims straight to torch.nn.Flatten (norse, snnTorch,
+            # nirtorch's default map) flatten the right dims of a batch too.
+            start_dim, end_dim = start - ndim, end - ndim
         node = nir.Flatten(input_type={"input": np.array(inp.nir_shape)}, start_dim=start_dim, end_dim=end_dim,
                            metadata={"source_module": path})
         out_shape = tuple(int(n) for n in node.output_type["output"])

@@ -47,9 +47,13 @@ def _pool(node, p, inp):
     return F.avg_pool2d(inp, k, s, pad, count_include_pad=True, divisor_override=1 if isinstance(node, nir.SumPool2d) else None)
 
 
+def _torch_dim(dim) -> int:
+    """NIR's dims exclude the batch: one from the start moves past it, one from the end stays."""
+    return int(dim) + 1 if int(dim) >= 0 else int(dim)
+
+
 def _flatten(node, p, inp):
-    end = int(node.end_dim)
-    return inp.flatten(int(node.start_dim) + 1, end + 1 if end >= 0 else -1)
+    return inp.flatten(_torch_dim(node.start_dim), _torch_dim(node.end_dim))
 
 
 # Stateless nodes: (node, its float parameters as tensors, the summed input) → output.

@@ -31,9 +31,9 @@ def usable_threshold(threshold: torch.Tensor) -> torch.Tensor:
     """``threshold`` as fp32, clamped to :data:`MIN_THRESHOLD` with a straight-through gradient,
     so a threshold pushed below it can still be pulled back."""
     theta = threshold.to(torch.float32)
-    with torch.no_grad():  # no graph (and nothing saved) for the correction
-        correction = theta.clamp_min(MIN_THRESHOLD) - theta
-    return theta + correction
+    # θ − θ is exactly 0 (its gradient 1), so the value is exactly the clamped one; adding a correction
+    # (clamp(θ) − θ) to θ instead rounds to 0 for a large negative θ (−1e4: 1e4 + 1e-4 is 1e4 in fp32).
+    return (theta - theta.detach()) + theta.detach().clamp_min(MIN_THRESHOLD)
 
 
 class MultiStepNeuron(snntorch.Leaky):

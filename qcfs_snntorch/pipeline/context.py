@@ -15,6 +15,7 @@ from ..config import RunConfig
 from ..data import DataSplits, sample_batch, train_loader
 from ..spiking import SpikingModel
 from ..training import CheckpointDir
+from .dependencies import checkpoint_fingerprint
 from .fingerprints import CONTINUABLE, changed, describe
 from .run_dir import RunDir, RunLog
 
@@ -41,6 +42,8 @@ class RunContext:
     verdict: CheckReport | None = None
     snn: SpikingModel | None = None
     ann_accuracy: dict | None = None  # {"val_top1", "top1"} once measured (by training, or before converting)
+    thresholds_lacking: bool = False  # λ is to be set from data before the ANN is trained or converted
+    digests: dict[str, str] = field(default_factory=dict)  # each wanted stage's fingerprint digest (set by the runner)
     _samples: dict = field(default_factory=dict)
 
     @property
@@ -69,6 +72,10 @@ class RunContext:
             images, _ = sample_batch(self.data.test, self.cfg.snn.stats_samples, self.cfg.seed, balanced=False)
             self._samples["statistics"] = images.to(self.accelerator.device)
         return self._samples["statistics"]
+
+    def checkpoint_fingerprint(self, stage: str) -> dict:
+        """What ``stage``'s training checkpoints depend on (:func:`.dependencies.checkpoint_fingerprint`)."""
+        return checkpoint_fingerprint(stage, self.cfg, self.digests)
 
     def checkpoints(self, name: str, fingerprint: dict) -> CheckpointDir:
         """The training checkpoints of a stage, kept only if they were written under compatible settings.

@@ -1,8 +1,10 @@
 """Fingerprints: the settings a stage's result depends on, as a flat ``{dotted key: value}`` dict.
 
-A stage's fingerprint also holds the digests of the stages it reads from (``after``), so
-a change anywhere upstream changes every fingerprint downstream. ``resume=true`` reuses a
-stage only when its fingerprint is the one recorded in report.json; a training stage
+Which settings each stage's fingerprint holds is the table of :mod:`.dependencies`; this
+module has the tools (picking keys, digests, differences). A stage's fingerprint also holds
+the digests of the stages it reads from (``after``), so a change anywhere upstream changes
+every fingerprint downstream. ``resume=true`` reuses a stage only when its fingerprint is
+the one recorded in report.json; a training stage
 continues from its checkpoints only when the fingerprint they were written under differs
 from the current one at most in :data:`CONTINUABLE` keys (more epochs, another learning rate).
 """
@@ -61,7 +63,14 @@ def changed(before: dict, now: dict) -> list[str]:
 
 
 def describe(before: dict, now: dict, keys: list[str], was: str = "was") -> str:
-    """``key=now (was before)`` for each key, for messages."""
+    """``key=now (was before)`` for each key, for messages; ``after`` names the upstream stages whose results changed."""
     def show(fp, key):
-        return "an earlier stage's result" if key == "after" else repr(fp.get(key, "<unset>"))
-    return "; ".join(f"{key}={show(now, key)} ({was} {show(before, key)})" for key in keys)
+        return repr(fp.get(key, "<unset>"))
+
+    def one(key):
+        if key != "after":
+            return f"{key}={show(now, key)} ({was} {show(before, key)})"
+        old, new = before.get("after") or {}, now.get("after") or {}
+        stages = sorted(name for name in set(old) | set(new) if old.get(name) != new.get(name))
+        return f"the result of {', '.join(stages)} (upstream) changed"
+    return "; ".join(one(key) for key in keys)

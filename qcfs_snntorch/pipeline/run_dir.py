@@ -125,6 +125,12 @@ class RunDir:
         self.report["stages"][name] = self.previous["stages"][name]
         self.write()
 
+    def discard(self, names: tuple[str, ...]) -> None:
+        """Remove these files of the run directory (a stage that reruns: they are another experiment's)."""
+        if self.writer:
+            for name in names:
+                self.file(name).unlink(missing_ok=True)
+
     @contextlib.contextmanager
     def stage(self, name: str, fingerprint: dict) -> Iterator[dict]:
         """Time a stage; its report parts (the dict yielded) and entry are written when it ends."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import RunConfig
 from ..progress import reporting
 from . import plots
 from .context import RunContext
+from .dependencies import NEEDS, fingerprints, reusable
 from .fingerprints import digest
 from .setup import setup
 from .stages import STAGE_CLASSES, Stage
@@ -28,47 +28,40 @@ class Step:
     reuse: bool
 
 
-def plan(cfg: RunConfig, previous: dict, act: Callable[[Step], bool] | None = None,
-         stages: tuple[Stage, ...] = STAGES) -> list[Step]:
+def plan(cfg: RunConfig, previous: dict, stages: tuple[Stage, ...] = STAGES) -> list[Step]:
     """The wanted stages in order, each marked reused when ``resume=true``, the resumed run's report
-    (``previous``) recorded it under the same fingerprint, and no stage it reads from reran.
-
-    ``act(step)`` does the step and says whether it was in fact reused (its files may be gone):
-    :func:`walk` runs the stages through it; ``--dry-run`` calls this without ``act``, so both
-    decide by this one rule.
+    (``previous``) recorded it under today's fingerprint (pipeline/dependencies.py) and no stage it
+    reads from reruns. :func:`walk` and ``--dry-run`` both decide by this one rule.
     """
-    digests: dict[str, str] = {}
-    reran: set[str] = set()
-    steps = []
-    for stage in stages:
-        if not stage.wanted(cfg):
-            continue
-        fingerprint = {**stage.fingerprint(cfg), "after": {d: digests[d] for d in stage.after if d in digests}}
-        saved = previous.get("stages", {}).get(stage.name) if cfg.resume else None
-        step = Step(stage, fingerprint, saved is not None and saved.get("fingerprint") == fingerprint
-                    and not reran & set(stage.after))
-        if act is not None:
-            step = Step(stage, fingerprint, act(step))
-        if not step.reuse:
-            reran.add(stage.name)
-        digests[stage.name] = digest(fingerprint)
-        steps.append(step)
-    return steps
+    wanted = [stage for stage in stages if stage.wanted(cfg)]
+    now = fingerprints(cfg, [stage.name for stage in wanted])
+    recorded = previous.get("stages", {}) if cfg.resume else {}
+    saved = {stage.name: (recorded.get(stage.name) or {}).get("fingerprint") for stage in wanted}
+    reuse = reusable(now, saved)
+    return [Step(stage, now[stage.name], reuse[stage.name]) for stage in wanted]
 
 
 def walk(ctx: RunContext, stages: tuple[Stage, ...] = STAGES) -> None:
-    """Run or (``resume=true``, same fingerprint, nothing upstream rerun) restore each wanted stage."""
-    run_dir = ctx.run_dir
+    """Run or (``resume=true``, same fingerprint, nothing upstream rerun) restore each wanted stage.
 
-    def act(step: Step) -> bool:
-        if step.reuse and step.stage.restore(ctx):
-            run_dir.restore(step.stage.name, step.stage.outputs)
-            return True
-        with run_dir.stage(step.stage.name, step.fingerprint) as parts:
+    A stage that runs on a resumed run directory first loses the files it writes (its ``writes``):
+    nothing of an earlier experiment can be read back as this one's result.
+    """
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    steps = plan(cfg, run_dir.previous, stages)
+    ctx.digests = {step.stage.name: digest(step.fingerprint) for step in steps}
+    reran: set[str] = set()  # stages that ran although reusable (their files could not be restored)
+    for step in steps:
+        name = step.stage.name
+        if step.reuse and not reran & set(NEEDS[name].after) and step.stage.restore(ctx):
+            run_dir.restore(name, step.stage.outputs)
+            continue
+        if cfg.resume:
+            run_dir.discard(step.stage.writes)
+            ctx.accelerator.wait_for_everyone()
+        with run_dir.stage(name, step.fingerprint) as parts:
             parts.update(step.stage.run(ctx))
-        return False
-
-    plan(ctx.cfg, run_dir.previous, act, stages)
+        reran.add(name)
 
 
 def summarise(ctx: RunContext) -> dict:

@@ -2,7 +2,8 @@
 
 Order matters: the data, the model, its weights and its convertibility are checked
 before the run directory exists, so a typo leaves nothing behind. Only then is the run
-directory chosen, the Accelerator made, and λ initialised from data.
+directory chosen and the Accelerator made. λ from data is measured by the first stage that
+needs the ANN as built (:func:`initial_thresholds`), so a resumed run that retrains measures it too.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .fingerprints import architecture, changed, describe
 from .paths import check_paths
 from .run_dir import RunDir, RunLog, choose_run_dir, read_report
 
-__all__ = ["SPIKING_STAGES", "build_ann", "setup"]
+__all__ = ["SPIKING_STAGES", "build_ann", "initial_thresholds", "setup"]
 
 SPIKING_STAGES = frozenset({"convert", "eval", "calibrate", "finetune", "export"})
 
@@ -108,13 +109,17 @@ def new_report(cfg: RunConfig, path: Path, data: DataSplits, accelerator) -> dic
     }
 
 
-def initial_thresholds(ctx: RunContext, lacking: bool) -> None:
-    """λ from data (a high percentile of each layer's inputs) where the weights bring none."""
-    cfg = ctx.cfg
-    if cfg.model.threshold_init != "data" or not lacking:
+def initial_thresholds(ctx: RunContext) -> None:
+    """λ from data (a high percentile of each layer's inputs) where the weights bring none.
+
+    Called by every stage that starts from the ANN as built (training, or converting without a
+    train stage), whether or not the run is resumed: a stage that reruns measures λ again,
+    and a training checkpoint it continues from brings its own λ back afterwards.
+    """
+    if not ctx.thresholds_lacking:
         return
-    if cfg.resume and (ctx.run_dir.file("ann.safetensors").is_file() or (ctx.run_dir.path / "checkpoints" / "ann").is_dir()):
-        return  # the ANN comes back from the run directory with its λ
+    ctx.thresholds_lacking = False
+    cfg = ctx.cfg
     images, _ = sample_batch(ctx.data.calibration, 8 * cfg.data.batch_size, cfg.seed)
     trusted_bn = bool(cfg.model.checkpoint or cfg.model.pretrained or cfg.model.pretrained_file)
     calibrate_from_data(ctx.ann, images.to(ctx.accelerator.device).split(cfg.data.batch_size),
@@ -153,11 +158,11 @@ def setup(cfg: RunConfig) -> RunContext:
             worker_init_fn=ignore_interrupts if workers else None, pin_memory=accelerator.device.type == "cuda"))
 
     ctx = RunContext(cfg=cfg, accelerator=accelerator, data=data, val=loader(data.val) if data.val is not None else None,
-                     test=loader(data.test), ann=ann.to(accelerator.device), run_dir=run_dir, log=log, verdict=verdict)
+                     test=loader(data.test), ann=ann.to(accelerator.device), run_dir=run_dir, log=log, verdict=verdict,
+                     thresholds_lacking=cfg.model.threshold_init == "data" and lacking)
     log(f"run directory: {path}  ({accelerator.num_processes} process(es), {accelerator.device}, "
         f"mixed_precision={cfg.mixed_precision})")
     log(f"model {cfg.model.name}: replaced {ann.qcfs_surgery}")
     val = f"{len(data.val)} validation / " if data.val is not None else "no validation split (choices look at the test split) / "
     log(f"dataset {data.info.name}: {len(data.train)} train / {val}{len(data.test)} test images")
-    initial_thresholds(ctx, lacking)
     return ctx

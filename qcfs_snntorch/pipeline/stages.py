@@ -1,16 +1,18 @@
 """The stages of a run, one small class each, in the order the runner walks them.
 
-Every stage has the same four methods:
+Every stage has the same three methods:
 
 - ``wanted(cfg)``: does this run do it;
-- ``fingerprint(cfg)``: the settings its result depends on (see :mod:`.fingerprints`);
 - ``run(ctx)``: do it; set ``ctx.ann`` / ``ctx.snn`` for the next stages and return the
   report parts it owns (the keys in ``outputs``);
 - ``restore(ctx)``: with ``resume=true`` and an unchanged fingerprint, bring its result
   back from the run directory instead (False: it cannot, so it runs).
 
-``after`` names the stages whose results it reads: their fingerprints are part of its
-own, and when one of them reran, so does it.
+What a stage's result depends on (its fingerprint, and the stages it reads from) is not
+here but in the one table of :mod:`.dependencies`. ``writes`` names the files of the run
+directory it writes: a stage that reruns on a resumed run loses them first. Its training
+checkpoints live under ``checkpoints/`` and are kept only when written under compatible
+settings (:meth:`.context.RunContext.checkpoints`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..spiking import SpikingModel
 from ..stats import conversion_error, spike_stats
 from ..tracing import qcfs_layers
 from ..training import (
+    CheckpointDir,
     Classification,
     SpikingFinetune,
     broadcast_state,
@@ -40,27 +43,19 @@ from ..training import (
 )
 from . import plots
 from .context import RunContext
-from .fingerprints import architecture, pick
 from .load import weights_metadata
+from .setup import initial_thresholds
 from .tables import early_exit_table, error_table, stats_tables
 
 __all__ = ["STAGE_CLASSES", "Calibrate", "Check", "Convert", "Eval", "Export", "Finetune", "Stage", "Train"]
 
-# Settings of the data that change what a model is trained on (not where it is read from or how fast).
-DATA_CONTENT = ("data.name", "data.image_size", "data.val_split", "data.split_seed", "data.train_subset", "data.batch_size",
-                "data.autoaugment", "data.cutout")
-
-
 class Stage:
     name: str = ""
     outputs: tuple[str, ...] = ()
-    after: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
 
     def wanted(self, cfg) -> bool:
         return self.name in cfg.stages
-
-    def fingerprint(self, cfg) -> dict:
-        raise NotImplementedError
 
     def run(self, ctx: RunContext) -> dict:
         raise NotImplementedError
@@ -74,8 +69,6 @@ class Check(Stage):
 
     name, outputs = "check", ("check",)
 
-    def fingerprint(self, cfg) -> dict:
-        return architecture(cfg)
 
     def run(self, ctx: RunContext) -> dict:
         ctx.log(ctx.verdict.summary())
@@ -89,19 +82,17 @@ def _thresholds(model) -> dict:
 class Train(Stage):
     """Train the QCFS ANN (λ was set from data in setup where asked); save ``ann.safetensors``."""
 
-    name, outputs = "train", ("ann",)
+    name, outputs, writes = "train", ("ann",), ("ann.safetensors",)
 
-    def fingerprint(self, cfg) -> dict:
-        keys = ("model", "train", "seed", *DATA_CONTENT)
-        return pick(cfg, keys)
 
     def run(self, ctx: RunContext) -> dict:
         cfg = ctx.cfg
+        initial_thresholds(ctx)  # a checkpoint training continues from brings its own λ back
         if ctx.accelerator.device.type == "cuda":  # cuDNN's fastest layout; a CPU trained no faster in it (docs/BENCHMARKS.md)
             ctx.ann.to(memory_format=preferred_memory_format(ctx.ann))
         history = fit(
             ctx.ann, ctx.train_loader(), cfg=cfg.train, accelerator=ctx.accelerator,
-            checkpoints=ctx.checkpoints("ann", self.fingerprint(cfg)),
+            checkpoints=ctx.checkpoints("ann", ctx.checkpoint_fingerprint(self.name)),
             task=Classification(cfg.train.label_smoothing, levels_choices=cfg.train.levels_choices, seed=cfg.seed),
             evaluate=lambda m: evaluate_ann(m, ctx.selection, ctx.accelerator), metrics=_thresholds,
             resume=cfg.resume, log=ctx.log, label="ANN", name="train",
@@ -118,6 +109,7 @@ class Train(Stage):
         if not path.is_file():
             return False
         load_weights(ctx.ann, path)
+        ctx.thresholds_lacking = False  # the trained λ came back with the weights
         ctx.ann.eval()
         saved = ctx.run_dir.previous.get("ann", {})
         ctx.ann_accuracy = {"val_top1": saved.get("val_top1"), "top1": saved.get("top1")}
@@ -132,17 +124,15 @@ def _val_text(accuracy: dict) -> str:
 class Convert(Stage):
     """QCFS → IF neurons. Where this run did not train the ANN, it is measured first."""
 
-    name, outputs, after = "convert", ("convert", "ann"), ("train",)
+    name, outputs = "convert", ("convert", "ann")
 
     def wanted(self, cfg) -> bool:
         return bool(set(cfg.stages) & {"convert", "eval", "calibrate", "finetune", "export"})
 
-    def fingerprint(self, cfg) -> dict:
-        return pick(cfg, ("snn.fold_bn", "snn.max_spikes", "finetune.learn_threshold", "finetune.surrogate",
-                          "finetune.surrogate_width", "model.checkpoint"))
 
     def _convert(self, ctx: RunContext) -> None:
         cfg = ctx.cfg
+        initial_thresholds(ctx)  # no train stage: the ANN as built, with λ from data where asked
         ctx.ann.eval()
         ctx.snn = convert(ctx.ann, fold_bn=cfg.snn.fold_bn, learn_threshold=cfg.finetune.learn_threshold,
                           surrogate=cfg.finetune.surrogate, surrogate_width=cfg.finetune.surrogate_width,
@@ -150,6 +140,7 @@ class Convert(Stage):
 
     def run(self, ctx: RunContext) -> dict:
         parts = {}
+        initial_thresholds(ctx)
         if ctx.ann_accuracy is None:
             ctx.ann.eval()
             ctx.ann_accuracy = ctx.accuracy(lambda loader: evaluate_ann(ctx.ann, loader, ctx.accelerator))
@@ -214,11 +205,8 @@ def spiking_accuracy(ctx: RunContext, snn: SpikingModel, timesteps: list[int]) -
 class Eval(Stage):
     """The converted SNN at every T (and the ANN at L = B·T), early exit, spike statistics, per-layer error."""
 
-    name, outputs, after = "eval", ("snn", "spikes", "conversion_error"), ("convert",)
+    name, outputs, writes = "eval", ("snn", "spikes", "conversion_error"), ("firing_rates.png", "conversion_error.png")
 
-    def fingerprint(self, cfg) -> dict:
-        return pick(cfg, ("snn.timesteps", "snn.stats_timesteps", "snn.stats_samples", "data.eval_subset", "seed",
-                          "snn.early_exit", "snn.early_exit_rule", "snn.early_exit_reference", "snn.early_exit_tolerance"))
 
     def run(self, ctx: RunContext) -> dict:
         cfg, accelerator = ctx.cfg, ctx.accelerator
@@ -248,16 +236,11 @@ class Calibrate(Stage):
     """v(0) fitted per layer or channel for each T (no training); the SNN fine-tuning starts from
     is the calibrated one for its T, unless the plain one is better on the validation split."""
 
-    name, outputs, after = "calibrate", ("calibration",), ("convert",)
+    name, outputs, writes = "calibrate", ("calibration",), ("calibrated.safetensors",)
 
     def wanted(self, cfg) -> bool:
         return bool(cfg.snn.calibrate) and bool(set(cfg.stages) & {"calibrate", "eval", "finetune"})
 
-    def fingerprint(self, cfg) -> dict:
-        keys = ["snn.calibrate", "snn.calibrate_timesteps", "snn.calibrate_samples", "seed", "data.val_split", "data.split_seed"]
-        if "finetune" in cfg.stages:
-            keys.append("finetune.timesteps")
-        return pick(cfg, keys)
 
     def targets(self, cfg) -> list[int]:
         extra = {cfg.finetune.timesteps} if "finetune" in cfg.stages else set()
@@ -312,10 +295,13 @@ class Calibrate(Stage):
 
 class _BestOnValidation:
     """The fine-tuned SNN with the best validation accuracy so far, the SNN before fine-tuning included
-    (epoch 0), kept in ``snn_best.safetensors`` so that a resumed run still knows it."""
+    (epoch 0), kept in ``best.safetensors`` beside the training checkpoints of the last phase: it
+    belongs to them, so it is read back only when they are (the same settings) and removed with them."""
 
-    def __init__(self, ctx: RunContext, score: float):
-        self.ctx, self.path = ctx, ctx.run_dir.file("snn_best.safetensors")
+    FILE = "best.safetensors"
+
+    def __init__(self, ctx: RunContext, checkpoints: CheckpointDir, score: float):
+        self.ctx, self.path = ctx, checkpoints.path / self.FILE
         self.score, self.epoch = score, 0
         saved = read_metadata(self.path) if ctx.cfg.resume and self.path.is_file() else {}
         if saved.get("val_top1", -1.0) > score:
@@ -345,10 +331,8 @@ class Finetune(Stage):
     the epoch with the best validation accuracy at T, the SNN before fine-tuning included: on a
     model already at its ANN, more training can only lose."""
 
-    name, outputs, after = "finetune", ("finetune",), ("convert", "calibrate")
-
-    def fingerprint(self, cfg) -> dict:
-        return pick(cfg, ("finetune", "seed", *DATA_CONTENT))
+    # snn_best.safetensors: where an earlier release kept the best epoch (now in the checkpoints of the stage)
+    name, outputs, writes = "finetune", ("finetune",), ("snn.safetensors", "snn_best.safetensors")
 
     def _task(self, ctx: RunContext, steps: int) -> SpikingFinetune:
         f = ctx.cfg.finetune
@@ -363,11 +347,17 @@ class Finetune(Stage):
         ctx.log(f"[SNN] test top-1 at T={steps} before fine-tuning: {before['top1']:.4f}" + _val_text(before))
         set_seed(cfg.seed)  # the same RNG stream whether or not the ANN was trained in this process (resume)
         phases = [*cfg.finetune.progressive, steps]  # progressive: e.g. T = 4, then 2
-        best = _BestOnValidation(ctx, before["val_top1"]) if cfg.finetune.keep == "best" and ctx.val is not None else None
+        fingerprint = ctx.checkpoint_fingerprint(self.name)
+        folders = [ctx.checkpoints("snn" if len(phases) == 1 else f"snn_T{phase}", {**fingerprint, "phase": phase})
+                   for phase in phases]
+        best = None
+        if cfg.finetune.keep == "best" and ctx.val is not None:
+            best = _BestOnValidation(ctx, folders[-1], before["val_top1"])
         history = []
-        for phase in phases:
-            name = "snn" if len(phases) == 1 else f"snn_T{phase}"
-            epochs = iter(range(1, cfg.finetune.epochs + 1))
+        for phase, folder in zip(phases, folders):
+            # Epochs are numbered from the first of this experiment: a resumed phase continues the count.
+            first = folder.epochs_done() + 1 if cfg.resume else 1
+            epochs = iter(range(first, cfg.finetune.epochs + 1))
 
             def evaluate(model, t=phase, epochs=epochs):
                 score = evaluate_snn(model, ctx.selection, [t], accelerator)[0]
@@ -376,9 +366,9 @@ class Finetune(Stage):
                 return score
 
             history += [{**entry, "timesteps": phase} for entry in fit(
-                ctx.snn, ctx.train_loader(), cfg=cfg.finetune, accelerator=accelerator,
-                checkpoints=ctx.checkpoints(name, {**self.fingerprint(cfg), "phase": phase}), task=self._task(ctx, phase),
-                evaluate=evaluate, resume=cfg.resume, log=ctx.log, label=f"SNN T={phase}", name="finetune",
+                ctx.snn, ctx.train_loader(), cfg=cfg.finetune, accelerator=accelerator, checkpoints=folder,
+                task=self._task(ctx, phase), evaluate=evaluate, resume=cfg.resume, log=ctx.log, label=f"SNN T={phase}",
+                name="finetune",
             )]
         kept = "last epoch"
         if best is not None:
@@ -412,10 +402,8 @@ class Finetune(Stage):
 class Export(Stage):
     """The final SNN as a NIR graph, ``snn.nir``."""
 
-    name, outputs, after = "export", ("export",), ("convert", "calibrate", "finetune")
+    name, outputs, writes = "export", ("export",), ("snn.nir",)
 
-    def fingerprint(self, cfg) -> dict:
-        return pick(cfg, ("snn.nir_portable",))
 
     def run(self, ctx: RunContext) -> dict:
         path = ctx.run_dir.file("snn.nir")

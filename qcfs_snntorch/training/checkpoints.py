@@ -162,6 +162,11 @@ class CheckpointDir:
         found = self.list()
         return found[-1] if found else None
 
+    def epochs_done(self) -> int:
+        """Epochs complete in the most advanced checkpoint (0: none); a mid-epoch one counts the epochs before it."""
+        found = self.latest()
+        return _position(found[1])[0] if found else 0
+
     def fingerprint(self) -> dict | None:
         """The settings the checkpoints here were written under (None: unknown or none written)."""
         try:
