@@ -67,8 +67,9 @@ def dry_run(cfg: RunConfig) -> str:
     lines = ["# resolved config", to_yaml(cfg).rstrip(), "", "# stages"]
     for stage in STAGES:
         step = steps.get(stage)
-        verb = ("skipped (not in stages)" if step is None else
-                f"reuse (recorded in {cfg.run_dir}/report.json with the same settings)" if step.reuse else "run")
+        verb = ("skipped" if step is None else
+                f"reuse (recorded in {cfg.run_dir}/report.json under the same settings; it reruns if its files are gone)"
+                if step.reuse else "run")
         lines.append(f"{stage}: {verb}")
     if cfg.resume and not previous:
         lines.append(f"(resume=true: {cfg.run_dir} holds no report.json yet, so every stage runs)")
