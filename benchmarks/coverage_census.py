@@ -422,9 +422,10 @@ def _provenance_lines(summary: dict) -> list[str]:
                   f"{r['package_hash']}; {r['machine']['cpu']}, {r['machine']['nproc']} cores, load {r['machine']['loadavg_1m']})"
                   for r in runs]
         lines.append("")
-    hashes = summary.get("stage1", {}).get("package_hashes", [])
+    hashes = Counter(r["package_hash"] for r in summary.get("stage1", {}).get("records", []))
     if len(hashes) > 1:
-        lines += [f"**Stage 1's lines come from {len(hashes)} different package sources** ({', '.join(hashes)}).", ""]
+        lines += [f"**Stage 1's lines come from {len(hashes)} different package sources** (hash: lines): "
+                  + ", ".join(f"{h}: {n}" for h, n in hashes.most_common()) + ".", ""]
     return lines
 
 
