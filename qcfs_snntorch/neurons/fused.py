@@ -44,7 +44,7 @@ class BinaryRule:
     max_spikes = 1
     signed = False
 
-    def count(self, v: torch.Tensor, theta: torch.Tensor, out: torch.Tensor, tracer=None) -> torch.Tensor:
+    def count(self, v: torch.Tensor, theta: torch.Tensor, out: torch.Tensor, tracer=None, scratch=None) -> torch.Tensor:
         return torch.ge(v, theta, out=out)
 
     def slope(self, v: torch.Tensor, theta: torch.Tensor, derivative: Callable, width: float, tracer=None) -> torch.Tensor:
@@ -62,7 +62,7 @@ class GradedRule:
     def __init__(self, max_spikes: int):
         self.max_spikes = int(max_spikes)
 
-    def count(self, v: torch.Tensor, theta: torch.Tensor, out: torch.Tensor, tracer=None) -> torch.Tensor:
+    def count(self, v: torch.Tensor, theta: torch.Tensor, out: torch.Tensor, tracer=None, scratch=None) -> torch.Tensor:
         return torch.div(v, theta, out=out).floor_().clamp_(0, self.max_spikes)
 
     def slope(self, v: torch.Tensor, theta: torch.Tensor, derivative: Callable, width: float, tracer=None) -> torch.Tensor:
@@ -95,20 +95,19 @@ class SignedRule:
         self.positive = positive
         self.max_spikes = positive.max_spikes
 
-    def _allowed(self, tracer: torch.Tensor) -> torch.Tensor:
-        """−(negative spikes allowed this step): −min(c, B)."""
-        return tracer.clamp(max=self.max_spikes).neg_()
-
-    def count(self, v: torch.Tensor, theta: torch.Tensor, out: torch.Tensor, tracer=None) -> torch.Tensor:
-        self.positive.count(v, theta, out)
-        below = torch.div(v, theta).floor_().clamp_(max=0)  # ⌊v/θ⌋ where v < 0, else 0
-        return out.add_(torch.maximum(below, self._allowed(tracer)))
+    def count(self, v: torch.Tensor, theta: torch.Tensor, out: torch.Tensor, tracer=None, scratch=None) -> torch.Tensor:
+        # ``scratch``: a buffer of one step's size (the kernels pass one, so no step allocates: on a CPU
+        # each fresh step-sized tensor costs its page faults, several times the arithmetic).
+        below = torch.div(v, theta, out=scratch).floor_().clamp_(max=0)  # ⌊v/θ⌋ where v < 0, else 0
+        torch.clamp(tracer, max=self.max_spikes, out=out).neg_()  # −min(c, B): the most that may be taken back
+        torch.maximum(below, out, out=below)
+        return self.positive.count(v, theta, out).add_(below)
 
     def slope(self, v: torch.Tensor, theta: torch.Tensor, derivative: Callable, width: float, tracer=None) -> torch.Tensor:
         total = self.positive.slope(v, theta, derivative, width)
         u = v / theta
         for j in range(1, self.max_spikes + 1):  # the j-th negative spike: at u < 1 − j, while c ≥ j
-            total += derivative(u + (j - 1), width) * (tracer >= j)
+            total.addcmul_(derivative(u + (j - 1) if j > 1 else u, width), tracer >= j)
         return total
 
     def reference_count(self, v: torch.Tensor, theta: torch.Tensor, spike: Callable, tracer=None) -> torch.Tensor:
@@ -124,18 +123,21 @@ def _buffers(currents: torch.Tensor, mem: torch.Tensor) -> tuple[torch.Tensor, t
     return own, torch.empty_like(currents, dtype=torch.float32)
 
 
-def _own_tracer(tracer: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    """A private fp32 copy of the tracer (None for rules without one)."""
-    return None if tracer is None else torch.empty_like(like).copy_(tracer)
+def _own_tracer(tracer: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A private fp32 copy of the tracer and a scratch buffer for the rule, both one step's size (None, None
+    for rules without a tracer)."""
+    if tracer is None:
+        return None, None
+    return torch.empty_like(like).copy_(tracer), torch.empty_like(like)
 
 
 def run_inference(rule, currents: torch.Tensor, mem: torch.Tensor, theta: torch.Tensor, tracer: torch.Tensor | None = None):
     """The dynamics without autograd; returns (outputs ``k·θ`` in the input's dtype, last membrane, last tracer)."""
     mem, out = _buffers(currents, mem)
-    tracer = _own_tracer(tracer, mem)
+    tracer, scratch = _own_tracer(tracer, mem)
     for t in range(currents.shape[0]):
         mem.add_(currents[t])
-        rule.count(mem, theta, out[t], tracer)
+        rule.count(mem, theta, out[t], tracer, scratch)
         mem.addcmul_(out[t], theta, value=-1.0)  # subtract reset: v − k·θ
         if tracer is not None:
             tracer.add_(out[t])
@@ -149,13 +151,13 @@ class FusedMultiStep(torch.autograd.Function):
     def forward(ctx, currents, mem, theta, rule, derivative, width, detach_reset, tracer=None):
         mem, out = _buffers(currents, mem)
         v = torch.empty_like(out)
-        tracer = _own_tracer(tracer, mem)
+        tracer, scratch = _own_tracer(tracer, mem)
         tracers = torch.empty_like(out) if tracer is not None else None  # the tracer before each step
         for t in range(currents.shape[0]):
             torch.add(mem, currents[t], out=v[t])
             if tracer is not None:
                 tracers[t].copy_(tracer)
-            rule.count(v[t], theta, out[t], tracer)
+            rule.count(v[t], theta, out[t], tracer, scratch)
             torch.addcmul(v[t], out[t], theta, value=-1.0, out=mem)
             if tracer is not None:
                 tracer.add_(out[t])
@@ -172,6 +174,7 @@ class FusedMultiStep(torch.autograd.Function):
         grad_v = torch.empty_like(v)
         grad_theta = torch.zeros_like(theta) if want_theta else None
         g = grad_mem.float()  # ∂L/∂m_t, walking back from the last step
+        scratch = torch.empty_like(v[0]) if tracers is not None else None
         # One step at a time: temporaries the size of one step (reused by the allocator)
         # rather than of all T steps (fresh pages to fault in at every call on CPU).
         for t in reversed(range(v.shape[0])):
@@ -181,7 +184,7 @@ class FusedMultiStep(torch.autograd.Function):
             via_surrogate = o if ctx.detach_reset else o - g
             torch.addcmul(g, via_surrogate, d, out=grad_v[t])
             if want_theta:
-                counts = ctx.rule.count(v[t], theta, torch.empty_like(o), tracer)
+                counts = ctx.rule.count(v[t], theta, torch.empty_like(o), tracer, scratch)
                 part = counts.mul_(o - g).sub_(via_surrogate * d * v[t] / theta)
                 grad_theta += part.sum_to_size(theta.shape)
             g = grad_v[t]
