@@ -300,7 +300,8 @@ def start_residual_branches(model: nn.Module) -> int:
     """
     count = 0
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None and not module.weight.any():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and weight is not None and not weight.is_meta and not weight.any():
             module.weight.fill_(1.0)
             count += 1
     return count
