@@ -223,3 +223,4 @@ def test_a_silent_layer_takes_the_median_lambda():
 def test_calibrate_rejects_bad_percentile():
     with pytest.raises(ValueError, match="percentile"):
         calibrate_from_data(create_model("test_resnet", num_classes=10), [torch.randn(2, 3, 32, 32)], percentile=0)
+

@@ -1,0 +1,63 @@
+"""Compensated networks (ViT, ConvNeXt, EfficientNet): SNN inference cost against T × the ANN, one JSON line per (model, T).
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/compensated_inference.py --timesteps 4 8
+    python benchmarks/compensated_inference.py --models vit_tiny_patch16_224 convnext_atto --size 64 --batch 16
+
+Each model is built by :func:`qcfs_snntorch.create_model` with QCFS in place of ReLU,
+GELU and SiLU (random weights, eval mode, no grad); everything else non-linear
+(LayerNorm, attention, gates, …) is compensated by :func:`qcfs_snntorch.convert`. Timed
+side by side (interleaved rounds, median): ``ann`` (one forward at batch B) and
+``engine`` (``snn(x, timesteps=T)``, the engine's defaults). ``ratio`` = engine ms / (T ×
+ann ms), from wall and CPU time (process_time leaves out the time other processes held
+the cores on a shared machine). ``compensated`` counts the wrapped ops per kind.
+"""
+
+# ruff: noqa: I001, B023  (_common goes before torch: it sets OMP_WAIT_POLICY; the lambdas run within their loop iteration)
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from _common import emit, machine, time_interleaved
+
+import torch
+
+import qcfs_snntorch as qs
+from qcfs_snntorch.compensation import compensated_ops
+
+MODELS = ["test_vit", "test_convnext", "test_efficientnet"]
+
+
+def build(name: str, size: int) -> tuple[torch.nn.Module, qs.SpikingModel]:
+    kwargs = {"img_size": size} if "vit" in name else {}
+    ann = qs.create_model(name, num_classes=10, activations=("relu", "gelu", "silu"), **kwargs).eval()
+    return ann, qs.convert(ann).eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--timesteps", nargs="+", type=int, default=[4, 8])
+    ap.add_argument("--size", type=int, default=32, help="input side in pixels")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    for name in args.models:
+        ann, snn = build(name, args.size)
+        x = torch.randn(args.batch, 3, args.size, args.size)
+        kinds = dict(Counter(op.kind for op in compensated_ops(snn.net)))
+        for t in args.timesteps:
+            with torch.no_grad():
+                times = time_interleaved({"ann": lambda: ann(x), "engine": lambda: snn(x, timesteps=t)}, args.repeats)
+            record = {"benchmark": "compensated_inference", "model": name, "T": t, "batch": args.batch, "size": args.size,
+                      "compensated": kinds, "neurons": len(snn.neurons()), "machine": machine()}
+            for clock in ("wall", "cpu"):
+                ms = times[clock]
+                record[f"{clock}_ms"] = {k: round(v, 2) for k, v in ms.items()}
+                record[f"{clock}_ratio"] = round(ms["engine"] / (t * ms["ann"]), 3)
+            emit(record)
+
+
+if __name__ == "__main__":
+    main()
