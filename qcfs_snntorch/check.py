@@ -297,6 +297,7 @@ class GraphSort:
     call_sites: dict[str, list[torch.fx.Node]]
     before: list[tuple[str, str]]
     linear: int
+    constant_activations: set[str] = field(default_factory=set)  # QCFS on parameters only (a relative-position MLP)
 
 
 def _owner(node: torch.fx.Node) -> str:
@@ -334,11 +335,14 @@ def sort_graph(model: nn.Module) -> GraphSort:
     modules = dict(model.named_modules())
     dynamic = _dynamic_nodes(graph)
     after: set[torch.fx.Node] = set()  # downstream of a QCFS
-    compensated, before, linear = [], [], 0
+    compensated, before, linear, constant = [], [], 0, set()
     calls: dict[str, list[torch.fx.Node]] = {}
     for node in graph.nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(module, (QCFS, MultiStepNeuron)):
+            if node not in dynamic:  # computes a constant of the parameters: stays an ANN activation
+                constant.add(node.target)
+                continue
             calls.setdefault(node.target, []).append(node)
             after.add(node)
             continue
@@ -356,7 +360,7 @@ def sort_graph(model: nn.Module) -> GraphSort:
         else:
             before.append((_owner(node), found[2]))
     shared = {target: nodes for target, nodes in calls.items() if len(nodes) > 1}
-    return GraphSort(graph, dynamic, compensated, shared, before, linear)
+    return GraphSort(graph, dynamic, compensated, shared, before, linear, constant - set(calls))
 
 
 def _scan(model: nn.Module) -> tuple[list[Problem], int, list[str], list[str]]:

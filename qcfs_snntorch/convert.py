@@ -94,12 +94,14 @@ def fold_batchnorm(net: nn.Module) -> int:
     return folded
 
 
-def _compensate_if_traceable(net: nn.Module) -> None:
+def _compensate_if_traceable(net: nn.Module) -> set[str]:
+    """Compensate where needed; returns the paths of activations that compute constants (left as QCFS)."""
     try:
         sort = sort_graph(net)
     except Exception:  # noqa: BLE001 - does not trace: check refused it if it needed compensation
-        return
+        return set()
     compensate(net, sort)
+    return sort.constant_activations
 
 
 def _unique(name: str, taken: nn.ModuleDict) -> str:
@@ -250,8 +252,7 @@ def convert(
     net = copy.deepcopy(model)
     if fold_bn:
         fold_batchnorm(net)
-    if not strict and not isinstance(net, QCFS):
-        _compensate_if_traceable(net)
+    constants = _compensate_if_traceable(net) if not strict and not isinstance(net, QCFS) else set()
 
     def neuron_for(act: QCFS) -> MultiStepNeuron:
         common = dict(shift=act.shift, learn_threshold=learn_threshold, surrogate=surrogate, surrogate_width=surrogate_width)
@@ -263,7 +264,7 @@ def convert(
         net = neuron_for(net)
     else:
         for name, module in list(net.named_modules()):
-            if isinstance(module, QCFS):
+            if isinstance(module, QCFS) and name not in constants:  # a QCFS on parameters alone is no signal
                 net.set_submodule(name, neuron_for(module))
     if memory_format == "auto":
         memory_format = preferred_memory_format(net)

@@ -250,10 +250,12 @@ def conversion_error(ann: nn.Module, snn: nn.Module, x: torch.Tensor, timesteps:
     if len(acts) != len(neurons):
         # One QCFS called at several places became one neuron per call (its copies live apart, in
         # ``call_sites``): pair by path, and leave out those whose ANN output is not one tensor.
+        # A QCFS on parameters alone (a relative-position MLP) stays a QCFS in the SNN: not paired.
         by_path = dict(ann.named_modules())
         pairs = [(by_path.get(names[n]), n) for n in neurons]
         pairs = [(a, n) for a, n in pairs if isinstance(a, QCFS)]
-        if len(neurons) < len(acts) or {a for a, _ in pairs} != set(acts):
+        kept_as_qcfs = {by_path[name] for name, m in snn.net.named_modules() if isinstance(m, QCFS) and name in by_path}
+        if {a for a, _ in pairs} | kept_as_qcfs != set(acts) or not pairs:
             raise ValueError(f"conversion_error: the ANN has {len(acts)} QCFS activations but the SNN has {len(neurons)} neurons")
         acts, neurons = [a for a, _ in pairs], [n for _, n in pairs]
     batch = x.shape[0]

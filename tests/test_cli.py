@@ -80,7 +80,7 @@ def test_a_later_stage_starts_from_a_saved_checkpoint(quickstart, tmp_path):
         (["model.name=resnet181"], "closest timm names: resnet18"),
         (["model.levels=0"], "model.levels=0 is not valid"),
         (["stages=[convert,eval]", "model.checkpoint=/nonexistent/ann.safetensors"], "does not exist"),
-        (["model.name=seresnet18"], "layer1.0.se.gate"),
+        (["model.name=seresnet18", "snn.strict=true"], "layer1.0.se.gate"),  # strict: neurons only
         (["data.name=imagefolder", "data.root=/nonexistent/cifar"], "does not exist"),
         (["model.activations=[swish]"], "unknown activation group(s) ['swish']"),
         (["model.cifar_stem=true", "model.name=vgg11"], "model.cifar_stem is supported for timm ResNet-family models"),

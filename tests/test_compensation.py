@@ -304,3 +304,15 @@ def test_conversion_error_with_one_neuron_per_call_site():
     ann = SharedAct().eval()
     errors = conversion_error(ann, convert(ann), torch.randn(2, 3, 8, 8), [1, 4])
     assert errors["layers"] == [] and len(errors["output"]["mae"]) == 2  # the shared act is left out, no crash
+
+
+def test_activation_on_parameters_alone_stays_qcfs():
+    """timm's relative-position MLP runs a (now QCFS) activation on a coordinate table, not on the input."""
+    ann = create_model("test_vit_relpos", num_classes=10, activations=("relu", "gelu", "silu"), levels=4)
+    ann = randomise(ann, thresholds=(0.5, 1.5))
+    snn = convert(ann, max_spikes=4, memory_format=None).eval()
+    assert any(isinstance(m, QCFS) for m in snn.net.modules()) and snn.neurons()
+    x = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(snn(x, timesteps=1)[0], ann(x))
+        assert convert(ann).eval()(x, timesteps=2).shape == (2, 2, 10)
