@@ -123,3 +123,4 @@ def test_config_refuses_relu_epochs_that_leave_no_qcfs_epoch():
     assert load_config(["train.epochs=4", "train.relu_epochs=2"]).train.relu_epochs == 2
     with pytest.raises(ConfigError, match="train.relu_epochs=4 leaves no QCFS epoch"):
         load_config(["train.epochs=4", "train.relu_epochs=4"])
+
