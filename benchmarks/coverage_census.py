@@ -182,12 +182,14 @@ def _kinds(report: qs.CheckReport) -> list[str]:
 
 
 def census_one(name: str, family: str, pkg: str) -> dict:
-    """Stage 1 for one name: ReLU-only, then ReLU+SiLU+GELU if only leftover activations stood in the way."""
+    """Stage 1 for one name: ReLU-only, then ReLU+SiLU+GELU if only leftover activations stood in the way
+    or the ReLU-only build has no activation to replace (a ViT: with compensation its GELU would
+    otherwise be the only thing left, and a network without neurons is refused)."""
     rec = {"name": name, "family": family, "package_hash": pkg, "activations": list(RELU)}
     start = time.perf_counter()
     try:
         model, report = _check_once(name, RELU, rec)
-        if _kinds(report) == ["activation"]:
+        if _kinds(report) == ["activation"] or not report.activations:
             rec["relu_only_problems"] = [str(p)[:160] for p in report.problems[:3]]
             rec["activations"] = list(FALLBACK)
             model, report = _check_once(name, FALLBACK, rec)
