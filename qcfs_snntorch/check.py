@@ -438,6 +438,10 @@ def _source_problems(module: nn.Module, where: str, uses: dict, calls: Counter) 
     return problems
 
 
+NO_SPIKING_PATH = ("every QCFS activation acts on parameters alone (e.g. a relative-position MLP), so no neuron "
+                   "would see the input; replace the network's other activations too: model.activations=[relu, gelu, silu]")
+
+
 def check(model_or_name, *, strict: bool = False, **create_kwargs) -> CheckReport:
     """Report how a model (or a timm name, built with :func:`create_model`) converts.
 
@@ -463,6 +467,10 @@ def check(model_or_name, *, strict: bool = False, **create_kwargs) -> CheckRepor
         if any(p.kind in COMPENSATION or p.kind == "shared" for p in problems):
             notes.append(f"the whole network does not trace with torch.fx ({type(exc).__name__}: {str(exc)[:200]}); "
                          f"{REASONS['untraceable']}")
+        return report
+    report.activations = activations - len(sort.constant_activations)
+    if not report.activations:  # every QCFS works on parameters alone: no neuron on the signal path
+        notes.append(NO_SPIKING_PATH)
         return report
     report.problems = [p for p in problems if p.kind not in COMPENSATION and p.kind != "shared"]
     report.compensated = [Problem(where, op, COMPENSATED_REASONS[kind], kind) for _, kind, where, op in sort.compensated]

@@ -149,3 +149,14 @@ def test_fold_bn_skips_weight_standardised_convs():
     # NF-ResNet's ScaledStdConv2d re-standardises its weight in forward: a folded scale would vanish.
     model = create_model("nf_resnet26", num_classes=10, depths=(1, 1, 1, 1), channels=(8, 8, 16, 16))
     assert fold_batchnorm(copy.deepcopy(model)) == 0
+
+
+def test_a_network_whose_only_qcfs_acts_on_parameters_does_not_convert():
+    """ReLU-only swin-v2: its one ReLU is in the relative-position MLP, which sees parameters alone and stays
+    an ANN activation, so no neuron would see the input; with GELU replaced too it converts."""
+    with torch.device("meta"):
+        relu_only = check("swinv2_cr_tiny_224", activations=("relu",))
+        with_gelu = check("swinv2_cr_tiny_224", activations=("relu", "silu", "gelu"))
+    assert not relu_only.convertible and relu_only.activations == 0
+    assert any("parameters alone" in note for note in relu_only.notes)
+    assert with_gelu.convertible and with_gelu.activations > 0
