@@ -81,11 +81,12 @@ def test_per_channel_threshold():
     torch.testing.assert_close(rate, expected, rtol=0, atol=1e-6)
 
 
-def test_streaming_equals_multistep_and_chunks():
+@pytest.mark.parametrize("neuron,max_spikes", [("if", 1), ("signed", 2)])
+def test_streaming_equals_multistep_and_chunks(neuron, max_spikes):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), QCFS(4, 1.0), nn.Linear(8, 5), QCFS(4, 1.0), nn.Linear(5, 3))
-    snn = convert(net)
-    x = torch.randn(4, 6)
+    snn = convert(net, neuron=neuron, max_spikes=max_spikes)
+    x = torch.randn(32, 6)
     full = snn(x, timesteps=9)
     snn.reset()
     streamed = torch.stack([snn.step(x) for _ in range(9)])
