@@ -219,3 +219,38 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     RESULT.unlink()
     for a, b in zip(two, one):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
+
+
+def _save_with_a_slow_rank():
+    """Rank 1 reaches save_state late; the checkpoint must still hold both ranks' files."""
+    _fresh_state()
+    import time
+
+    from torch import nn
+
+    from qcfs_snntorch.training import CheckpointDir, make_accelerator
+
+    accelerator = make_accelerator()
+    model = accelerator.prepare(nn.Linear(3, 2))
+    original = accelerator.save_state
+
+    def late_save_state(output_dir):
+        if accelerator.process_index == 1:
+            time.sleep(1.0)  # rank 0 finishes its own save long before
+        return original(output_dir)
+
+    accelerator.save_state = late_save_state
+    saved = CheckpointDir(Path(os.environ["QCFS_DDP_DIR"]), accelerator).save("epoch_0000", {"epoch": 0})
+    if accelerator.is_main_process:
+        RESULT.write_text(json.dumps(sorted(p.name for p in saved.iterdir())))
+
+
+def test_a_checkpoint_waits_for_every_rank_before_it_is_complete(tmp_path):
+    """CI race: rank 0 renamed .partial while rank 1 was still writing its RNG state into it."""
+    os.environ["QCFS_DDP_DIR"] = str(tmp_path)
+    RESULT.unlink(missing_ok=True)
+    debug_launcher(_save_with_a_slow_rank, num_processes=2)
+    names = json.loads(RESULT.read_text())
+    RESULT.unlink()
+    assert {"random_states_0.pkl", "random_states_1.pkl", "progress.json"} <= set(names), names
+    assert not list(tmp_path.glob(".*.partial"))

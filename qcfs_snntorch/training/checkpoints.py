@@ -200,6 +200,7 @@ class CheckpointDir:
             shutil.rmtree(partial)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()  # every rank writes its own RNG file into partial; rename only after all did
         if accelerator.is_main_process:
             (partial / "progress.json").write_text(json.dumps(progress))
             if final.exists():
