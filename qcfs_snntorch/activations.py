@@ -7,10 +7,11 @@ left over. A group is what a user asks for with ``model.activations=[...]``:
 - ``FUNCTIONAL_ACTIVATIONS``: the same groups called as functions inside a forward
   (``F.relu(x)``, ``x.relu()``; strings are tensor-method names);
 - ``OTHER_ACTIVATIONS``: non-linear activation classes no group replaces (Softplus, …):
-  ``check`` refuses them like an unreplaced group member.
+  ``check`` finds them like an unreplaced group member, and conversion compensates them.
 
-Gates (sigmoid, tanh, hard-sigmoid) are never replaced: they multiply, and ``check``
-refuses them instead.
+Gates (sigmoid, tanh, hard-sigmoid) are never replaced: they multiply another signal, so
+conversion runs them as expectation-compensated operations (``compensation.py``), and
+``convert(strict=True)`` refuses them.
 """
 
 from __future__ import annotations
