@@ -7,10 +7,12 @@
 Stage 1 (structure): every name of ``timm.list_models()`` is built with
 ``create_model(name, num_classes=10, activations=("relu",))`` on the ``meta`` device (no
 weights are allocated, so size costs nothing) and passed to ``check``. A model refused
-*only* because activations other than ReLU are left over is built again with
-``activations=("relu", "silu", "gelu")`` and checked again (such a network has to be
-trained with QCFS from the start). Each name ends as ``converts``, ``refused`` (with the
-``Problem.kind`` values) or ``failed`` (an exception in ``create_model`` or ``check``).
+*only* because activations other than ReLU are left over, or with no ReLU to replace, is
+built again with every activation group (``ACTIVATION_GROUPS``: relu, silu, gelu, hardswish,
+mish, elu) and checked again (such a network has to be trained with QCFS from the start).
+Each name ends as ``converts``, ``compensated``, ``refused`` (with its causes: ``untraceable``,
+``no_activation``, then the ``Problem.kind`` values) or ``failed`` (an exception in
+``create_model`` or ``check``).
 
 Stage 2 (does it really run): from the converting names, the smallest-parameter member
 of every timm family (the model module of its entrypoint, e.g. ``timm.models.resnet``)
@@ -63,10 +65,11 @@ import timm
 import torch
 
 import qcfs_snntorch as qs
+from qcfs_snntorch.activations import ACTIVATION_GROUPS
 
 ROOT = Path(__file__).resolve().parents[1]
 RELU = ("relu",)
-FALLBACK = ("relu", "silu", "gelu")
+FALLBACK = tuple(ACTIVATION_GROUPS)  # every group QCFS may replace: relu, silu, gelu, hardswish, mish, elu
 CONVERTING = ("converts", "compensated")  # stage 1 outcomes that stage 2 builds, converts and runs
 KIND_LABELS = {
     "gate": "gating",
@@ -177,19 +180,25 @@ def outcome(report: qs.CheckReport) -> str:
     return "compensated" if compensated_ops(report) else "converts"
 
 
-def _kinds(report: qs.CheckReport) -> list[str]:
-    return sorted({p.kind for p in report.problems}) or ([] if report.activations else ["no_activation"])
+def refusal_kinds(report: qs.CheckReport) -> list[str]:
+    """Why a name is refused (empty: it converts): ``untraceable`` (the whole network does not trace, so
+    nothing could be compensated) and ``no_activation`` first where they apply, then the refused ops' kinds."""
+    if report.convertible:
+        return []
+    causes = ["untraceable"] if getattr(report, "untraceable", None) else []
+    causes += [] if report.activations else ["no_activation"]
+    return causes + sorted({p.kind for p in report.problems} - set(causes))
 
 
 def census_one(name: str, family: str, pkg: str) -> dict:
-    """Stage 1 for one name: ReLU-only, then ReLU+SiLU+GELU if only leftover activations stood in the way
+    """Stage 1 for one name: ReLU-only, then every activation group if only leftover activations stood in the way
     or the ReLU-only build has no activation to replace (a ViT: with compensation its GELU would
     otherwise be the only thing left, and a network without neurons is refused)."""
     rec = {"name": name, "family": family, "package_hash": pkg, "activations": list(RELU)}
     start = time.perf_counter()
     try:
         model, report = _check_once(name, RELU, rec)
-        if _kinds(report) == ["activation"] or not report.activations:
+        if {p.kind for p in report.problems} == {"activation"} or not report.activations:
             rec["relu_only_problems"] = [str(p)[:160] for p in report.problems[:3]]
             rec["activations"] = list(FALLBACK)
             model, report = _check_once(name, FALLBACK, rec)
@@ -200,7 +209,7 @@ def census_one(name: str, family: str, pkg: str) -> dict:
         rec.update(
             status=outcome(report),
             compensated_ops=compensated_ops(report),
-            kinds=_kinds(report),
+            kinds=refusal_kinds(report),
             params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             qcfs=report.activations,
             replaced=model.qcfs_surgery["activations"],
@@ -348,7 +357,9 @@ KIND_TEXT = {
     "shared": "one activation module called in a loop or by several branches",
     "max": "max pooling that is not a module (`F.max_pool2d` in `forward`), `amax`",
     "nonlinear": "`exp`, `pow`, `abs`, … of a signal (e.g. StarReLU, RMS-style norms written by hand)",
-    "no_activation": "no activation QCFS could replace",
+    "no_activation": "no activation QCFS could replace (e.g. EvoNorm/FRN layers that hold their own non-linearity)",
+    "untraceable": "the whole network does not trace with torch.fx (data-dependent control flow), so its non-linear "
+                   "ops cannot be compensated; the kinds beside it are what a network of IF neurons alone refuses",
 }
 MARK_START, MARK_END = "<!-- coverage_census: start -->", "<!-- coverage_census: end -->"
 
@@ -450,26 +461,26 @@ def _stage1_lines(summary: dict) -> list[str]:
         lines.append(f"| {text} | **{n}** | {_share(n, total) if isinstance(n, int) else '–'} |")
         if o == "compensated":
             lines += [f"| — of the converting: with `activations=(\"relu\",)` (the default) | {t['converts_relu_only']} | |",
-                      f"| — of the converting: only with `activations=(\"relu\", \"silu\", \"gelu\")`: retrain | "
+                      f"| — of the converting: only with other activation groups replaced too (SiLU, GELU, hard-swish, …): retrain | "
                       f"{len(t['converts_after_silu_gelu'])} | |"]
     lines += [f"| {o} (an outcome this table does not know) | **{n}** | {_share(n, total)} |" for o, n in out.items() if o not in OUTCOMES]
     lines += [f"| total | {total} | |", "", "Refusals by reason (an architecture often has several):", "",
               "| reason (`Problem.kind`) | refused archs | what it is |", "|---|---|---|",
               *(f"| `{k}` | {n} | {KIND_TEXT.get(k, '')} |" for k, n in t["refusal_kinds"].items()), ""]
     if t["converts_after_silu_gelu"]:
-        lines += ["Converting only after replacing SiLU/GELU as well: " + ", ".join(t["converts_after_silu_gelu"]) + ".", ""]
+        lines += ["Converting only after replacing other activation groups as well: " + ", ".join(t["converts_after_silu_gelu"]) + ".", ""]
     if t["failures"]:
         lines += ["Failed:", "", *(f"- {name}: `{err}`" for name, err in sorted(t["failures"].items())), ""]
     comp_head = "compensated | " if t["compensated_reported"] else ""
     lines += [
         "#### Per family", "",
-        "Families are timm's model modules. \"converts (n with SiLU/GELU)\": n of them only after replacing those groups "
+        "Families are timm's model modules. \"converts (n with more groups)\": n of them only after replacing other activation groups "
         "as well; \"activation left\" counts refused architectures that also have a non-ReLU activation.", "",
         f"| family | archs | converts | {comp_head}refused | failed | refused because (archs per reason) |",
         "|---|---|---|" + ("---|" if comp_head else "") + "---|---|---|",
     ]
     for row in summary["stage1"]["families"]:
-        conv = f"{row['converts']} ({row['after_silu_gelu']} with SiLU/GELU)" if row["after_silu_gelu"] else str(row["converts"])
+        conv = f"{row['converts']} ({row['after_silu_gelu']} with more groups)" if row["after_silu_gelu"] else str(row["converts"])
         comp_cell = f"{row['compensated']} | " if comp_head else ""
         lines.append(f"| {row['family']} | {row['archs']} | {conv} | {comp_cell}{row['refused']} | {row['failed']} | {row['reasons']} |")
     lines += ["", f"Model time (build + check, summed over lines): {t['model_seconds'] / 60:.1f} minutes.", ""]

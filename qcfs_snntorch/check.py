@@ -86,6 +86,7 @@ class CheckReport:
     compensated: list[Problem] = field(default_factory=list)  # kind: the compensation kind (COMPENSATED_KINDS)
     linear: int | None = None  # ops linear in the spike rates (None: the whole network was not traced)
     strict: bool = False
+    untraceable: str | None = None  # why the whole network did not trace (then nothing could be compensated)
 
     @property
     def convertible(self) -> bool:
@@ -464,6 +465,7 @@ def check(model_or_name, *, strict: bool = False, **create_kwargs) -> CheckRepor
     try:
         sort = sort_graph(model)
     except Exception as exc:  # noqa: BLE001 - data-dependent control flow etc.: today's refusals, with why
+        report.untraceable = f"{type(exc).__name__}: {str(exc)[:200]}"
         if any(p.kind in COMPENSATION or p.kind == "shared" for p in problems):
             notes.append(f"the whole network does not trace with torch.fx ({type(exc).__name__}: {str(exc)[:200]}); "
                          f"{REASONS['untraceable']}")

@@ -260,6 +260,8 @@ def test_untraceable_network_with_nonlinear_ops_refused_with_reason():
     report = check(DataDependent())
     assert not report.convertible
     assert "does not trace" in report.summary() and "norm" in report.summary()
+    assert report.untraceable and "TraceError" in report.untraceable  # the cause, for tools that count causes
+    assert check(nn.Sequential(QCFS(), nn.LayerNorm(4))).untraceable is None
 
 
 def test_network_without_compensated_ops_is_left_as_is():

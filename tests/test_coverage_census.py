@@ -37,6 +37,19 @@ def test_outcome_counts_compensated_ops_only_where_check_reports_them(census):
     assert census.outcome(_report(False, compensated=2)) == "refused"
 
 
+def test_a_refusal_names_its_cause_before_the_kinds_of_its_ops(census):
+    def report(problems=(), activations=3, untraceable=None):
+        found = [SimpleNamespace(kind=k) for k in problems]
+        return SimpleNamespace(convertible=not found and activations > 0, problems=found, activations=activations,
+                               untraceable=untraceable)
+
+    assert census.refusal_kinds(report()) == []
+    assert census.refusal_kinds(report(["norm", "gate", "norm"])) == ["gate", "norm"]
+    assert census.refusal_kinds(report(["norm"], untraceable="TraceError: x")) == ["untraceable", "norm"]
+    assert census.refusal_kinds(report(["gate"], activations=0)) == ["no_activation", "gate"]
+    assert census.refusal_kinds(report(untraceable="TraceError: x")) == []  # IF neurons only: converts untraced
+
+
 def _line(name, status, family="f", kinds=(), compensated=None):
     return {"name": name, "family": family, "status": status, "activations": ["relu"], "kinds": list(kinds),
             "compensated_ops": compensated, "seconds": 1.0, "package_hash": "h", "error": "E: x"}

@@ -231,7 +231,7 @@ def _save_with_a_slow_rank():
     from qcfs_snntorch.training import CheckpointDir, make_accelerator
 
     accelerator = make_accelerator()
-    model = accelerator.prepare(nn.Linear(3, 2))
+    accelerator.prepare(nn.Linear(3, 2))  # save_state writes what was prepared
     original = accelerator.save_state
 
     def late_save_state(output_dir):
