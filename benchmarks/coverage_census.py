@@ -467,8 +467,6 @@ def _stage1_lines(summary: dict) -> list[str]:
     lines += [f"| total | {total} | |", "", "Refusals by reason (an architecture often has several):", "",
               "| reason (`Problem.kind`) | refused archs | what it is |", "|---|---|---|",
               *(f"| `{k}` | {n} | {KIND_TEXT.get(k, '')} |" for k, n in t["refusal_kinds"].items()), ""]
-    if t["converts_after_silu_gelu"]:
-        lines += ["Converting only after replacing other activation groups as well: " + ", ".join(t["converts_after_silu_gelu"]) + ".", ""]
     if t["failures"]:
         lines += ["Failed:", "", *(f"- {name}: `{err}`" for name, err in sorted(t["failures"].items())), ""]
     comp_head = "compensated | " if t["compensated_reported"] else ""

@@ -106,7 +106,9 @@ class CompensatedOp(nn.Module):
                 continue  # traced as a signal but not one at run time (an optional mask that is None)
             if x.shape[0] % steps:
                 raise RuntimeError(f"{type(self).__name__} at {self.where!r}: leading dim {x.shape[0]} is not a multiple "
-                                   f"of timesteps={steps}; call the network through SpikingModel")
+                                   f"of timesteps={steps}: time is folded into the batch dimension, and either the network moved that "
+                                   f"dimension away from dim 0 before this op (not supported: it cannot be compensated) or the "
+                                   f"network was called outside SpikingModel")
             seq = x.reshape(steps, x.shape[0] // steps, *x.shape[1:])
             total = seq.cumsum(0) if self.sums is None else seq.cumsum(0) + self.sums[key]
             if counts is None:

@@ -101,6 +101,14 @@ class LeafTracer(torch.fx.Tracer):
     def __init__(self):
         super().__init__(autowrap_functions=tuple(get_notrace_functions()))
 
+    def trace(self, root, concrete_args=None):
+        """As torch.fx, with the root's optional arguments fixed to their defaults (see
+        :func:`optional_defaults`): a symbolic ``mask=None`` is "not None" and would trace the
+        masked branch (timm's Hiera), which then fails on the real ``None``."""
+        if concrete_args is None and isinstance(root, nn.Module):
+            concrete_args = optional_defaults(root) or None
+        return super().trace(root, concrete_args=concrete_args)
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (QCFS, MultiStepNeuron, CompensatedOp)):
             return True
@@ -132,6 +140,19 @@ def forward_function(module: nn.Module):
     return type(module).forward
 
 
+def optional_defaults(module: nn.Module) -> dict:
+    """``module.forward``'s optional arguments after the input with non-tensor defaults
+    (``pre_logits=False``, ``mask=None``), name → default: what tracing fixes them to."""
+    params = list(inspect.signature(module.forward).parameters.values())[1:]  # after the input
+    return {
+        p.name: p.default
+        for p in params
+        if p.kind is p.POSITIONAL_OR_KEYWORD
+        and p.default is not inspect.Parameter.empty
+        and not isinstance(p.default, torch.Tensor)
+    }
+
+
 def trace_own_forward(module: nn.Module) -> torch.fx.Graph:
     """The fx graph of ``module.forward`` with every submodule as a leaf; raises if it does not trace.
 
@@ -139,14 +160,7 @@ def trace_own_forward(module: nn.Module) -> torch.fx.Graph:
     fixed to their defaults: they are what the parent passes in the common case, and a
     symbolic flag would stop tracing at the first ``if``.
     """
-    params = list(inspect.signature(module.forward).parameters.values())[1:]  # after the input
-    concrete = {
-        p.name: p.default
-        for p in params
-        if p.kind is p.POSITIONAL_OR_KEYWORD
-        and p.default is not inspect.Parameter.empty
-        and not isinstance(p.default, torch.Tensor)
-    }
+    concrete = optional_defaults(module)
     cls, forward = type(module), forward_function(module)
     if forward is not cls.forward:  # fx traces type(root).forward: lend the instance a class with its own
         module.__class__ = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})

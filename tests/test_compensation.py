@@ -237,6 +237,29 @@ def test_activation_in_a_loop_gets_one_neuron_per_call():
         assert torch.equal(snn(x, timesteps=1)[0], ann(x))
 
 
+class OptionalMask(nn.Module):
+    """A root forward with an optional argument, as timm's Hiera has (``forward(x, mask=None)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.act, self.norm = QCFS(4, 2.0), nn.LayerNorm(6)
+
+    def forward(self, x, mask=None):
+        x = self.norm(self.act(x))
+        if mask is not None:
+            x = x * mask.view(-1, 1)
+        return x
+
+
+def test_optional_root_arguments_trace_at_their_defaults():
+    """A symbolic mask is "not None": the masked branch was traced and the SNN failed on the real None."""
+    ann = OptionalMask().eval()
+    snn = convert(ann, max_spikes=4)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(snn(x, timesteps=1)[0], ann(x))
+
+
 def test_strict_refuses_what_would_be_compensated():
     ann = Spiking(LayerNormBlock())
     with pytest.raises(ConversionError, match="block.norm"):
