@@ -43,11 +43,15 @@ def run_numbers(report: dict) -> dict[str, float]:
     finetune = report.get("finetune")
     if finetune:
         numbers["finetune.before.test"] = 100 * finetune["top1_before"]
+        if finetune.get("val_top1_before") is not None:
+            numbers["finetune.before.val"] = 100 * finetune["val_top1_before"]
         numbers["finetune.after.test"] = 100 * finetune["top1_after"]
         numbers["finetune.after.val"] = 100 * finetune["val_top1_after"]
         after = finetune["snn_after"]
         for t, test in zip(after["timesteps"], after["top1"]):
             numbers[f"finetune.T{t}.test"] = 100 * test
+        for t, val in zip(after["timesteps"], after.get("val_top1") or []):
+            numbers[f"finetune.T{t}.val"] = 100 * val
         numbers.update(early_exit_numbers("finetune.exit", after.get("early_exit")))
         if "ann" in report:
             numbers["finetune.gap.test"] = numbers["ann.test"] - numbers["finetune.after.test"]

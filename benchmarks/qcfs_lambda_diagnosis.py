@@ -1,0 +1,111 @@
+"""Why a QCFS network trains worse than its ReLU twin: is it λ's gradient? (docs/RESULTS.md, issue 20).
+
+A plain training loop over the library's model and data (no pipeline), so that λ's treatment can
+be varied where the recipe has no setting for it. One JSON line per epoch: mean training loss,
+validation accuracy, the λ range and the largest |∂loss/∂λ| of the epoch.
+
+    python benchmarks/qcfs_lambda_diagnosis.py --model regnetx_002 --variant learned --seed 0 --epochs 6
+
+Variants: ``learned`` (as the library trains it), ``frozen`` (λ stays at its value from data),
+``lsq`` (λ's gradient scaled by 1/sqrt(elements per sample × L), the step-size gradient scale of
+LSQ, Esser et al. 2020), ``relu`` (the ReLU twin: no QCFS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import _common  # noqa: F401  (OMP policy, import path)
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+import qcfs_snntorch as qs
+from qcfs_snntorch.calibration.thresholds import calibrate_from_data
+from qcfs_snntorch.config import DataConfig
+from qcfs_snntorch.data import build_datasets, sample_batch
+
+
+def scale_lambda_gradients(model, images) -> None:
+    """LSQ's gradient scale on every λ, from the elements per sample of each QCFS output."""
+    sizes = {}
+    layers = [m for m in model.modules() if isinstance(m, qs.QCFS)]
+    hooks = [m.register_forward_hook(lambda mod, a, out, m=m: sizes.__setitem__(m, out[0].numel())) for m in layers]
+    with torch.no_grad():
+        model.eval()
+        model(images[:2])
+        model.train()
+    for hook in hooks:
+        hook.remove()
+    for m in layers:
+        scale = 1.0 / math.sqrt(sizes[m] * m.levels)
+        m.threshold.register_hook(lambda g, scale=scale: g * scale)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="regnetx_002")
+    ap.add_argument("--variant", choices=["learned", "frozen", "lsq", "relu"], default="learned")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--percentile", type=float, default=99.9, help="λ from this percentile of each layer's inputs")
+    ap.add_argument("--image-size", type=int, default=32)
+    args = ap.parse_args()
+
+    torch.manual_seed(args.seed)
+    data = build_datasets(DataConfig(name="digits", image_size=args.image_size, batch_size=32), seed=0)
+    extra = {"activations": []} if args.variant == "relu" else {}
+    model = qs.create_model(args.model, num_classes=10, in_chans=1, **extra)
+    lambdas = [m.threshold for m in model.modules() if isinstance(m, qs.QCFS)]
+    if lambdas:
+        images, _ = sample_batch(data.calibration, 256, args.seed)
+        calibrate_from_data(model, images.split(32), percentile=args.percentile, update_bn=True)
+        if args.variant == "lsq":
+            scale_lambda_gradients(model, images)
+    is_lambda = {id(p) for p in lambdas}
+    others = [p for p in model.parameters() if id(p) not in is_lambda]
+    groups = [{"params": [p for p in others if p.ndim > 1], "weight_decay": 5e-4},
+              {"params": [p for p in others if p.ndim <= 1], "weight_decay": 0.0}]
+    if lambdas:
+        groups.append({"params": lambdas, "weight_decay": 0.0, "lr_scale": 0.0 if args.variant == "frozen" else 1.0})
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    loader = DataLoader(data.train, batch_size=32, shuffle=True, drop_last=True)
+    total_steps, step = args.epochs * len(loader), 0
+
+    def validation_accuracy() -> float:
+        model.eval()
+        correct = seen = 0
+        with torch.no_grad():
+            for x, y in DataLoader(data.val, batch_size=256):
+                correct += (model(x).argmax(1) == y).sum().item()
+                seen += len(y)
+        model.train()
+        return 100 * correct / seen
+
+    for epoch in range(args.epochs):
+        losses, largest = [], 0.0
+        for x, y in loader:
+            warmup = min(1.0, (step + 1) / len(loader))  # one warm-up epoch, then cosine
+            cosine = 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = args.lr * warmup * cosine * group.get("lr_scale", 1.0)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            if lambdas:
+                largest = max(largest, max(abs(p.grad.item()) for p in lambdas))
+            optimizer.step()
+            step += 1
+            losses.append(loss.item())
+        values = [round(p.item(), 2) for p in lambdas]
+        print(json.dumps({"model": args.model, "variant": args.variant, "seed": args.seed, "lr": args.lr,
+                          "percentile": args.percentile, "epoch": epoch + 1, "loss": round(sum(losses) / len(losses), 3),
+                          "val": round(validation_accuracy(), 2), "lambda_min": min(values, default=None),
+                          "lambda_max": max(values, default=None), "max_lambda_grad": round(largest, 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
