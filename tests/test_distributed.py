@@ -17,6 +17,18 @@ pytestmark = pytest.mark.slow  # 2-process DDP over gloo
 RESULT = Path(os.environ.get("QCFS_TEST_TMP", "/tmp")) / f"qcfs_ddp_{os.getpid()}.json"
 
 
+def _launch(function, num_processes: int = 2, folder=None):
+    """Run ``function`` on ``num_processes`` ranks; what rank 0 wrote to RESULT, decoded."""
+    if folder is not None:
+        os.environ["QCFS_DDP_DIR"] = str(folder)
+    RESULT.unlink(missing_ok=True)
+    debug_launcher(function, num_processes=num_processes)
+    try:
+        return json.loads(RESULT.read_text())
+    finally:
+        RESULT.unlink(missing_ok=True)
+
+
 def _fresh_state():
     """Forget a single-process Accelerate state the parent test process may hold (the children inherit it)."""
     from accelerate.state import AcceleratorState, PartialState
@@ -89,11 +101,7 @@ def _agreement_across_ranks():
 
 
 def test_every_shared_tensor_agrees_across_ranks_fed_different_data(tmp_path):
-    os.environ["QCFS_DDP_DIR"] = str(tmp_path)
-    RESULT.unlink(missing_ok=True)
-    debug_launcher(_agreement_across_ranks, num_processes=2)
-    results = json.loads(RESULT.read_text())
-    RESULT.unlink()
+    results = _launch(_agreement_across_ranks, folder=tmp_path)
     # The data differs, so without the syncs the ranks differ (the test can fail) ...
     assert any("running_var" in name for name in results["calibrated, not synced"])
     assert any("initial_offset" in name for name in results["v(0) calibrated, not synced"])
@@ -149,10 +157,7 @@ def _streaming_membranes():
 
 
 def test_streaming_membranes_stay_per_rank_under_ddp():
-    RESULT.unlink(missing_ok=True)
-    debug_launcher(_streaming_membranes, num_processes=2)
-    result = json.loads(RESULT.read_text())
-    RESULT.unlink()
+    result = _launch(_streaming_membranes)
     assert result["wrapped"] == "DistributedDataParallel"
     assert result["sums"][0] != result["sums"][1]  # the ranks really ran different inputs
 
@@ -180,10 +185,7 @@ def _evaluate_uneven():
 
 
 def test_evaluation_counts_every_sample_once_across_ranks():
-    RESULT.unlink(missing_ok=True)
-    debug_launcher(_evaluate_uneven, num_processes=2)
-    assert json.loads(RESULT.read_text()) == pytest.approx(1 / 101)
-    RESULT.unlink()
+    assert _launch(_evaluate_uneven) == pytest.approx(1 / 101)
 
 
 def _train_mlp(batch_size: int):
@@ -209,14 +211,8 @@ def _train_mlp(batch_size: int):
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """2 ranks × batch 8 (DDP averages the gradients) = 1 process × batch 16 on the same data order."""
-    os.environ["QCFS_DDP_DIR"] = str(tmp_path)
-    RESULT.unlink(missing_ok=True)
-    debug_launcher(lambda: _train_mlp(8), num_processes=2)
-    two = json.loads(RESULT.read_text())
-    RESULT.unlink()
-    debug_launcher(lambda: _train_mlp(16), num_processes=1)
-    one = json.loads(RESULT.read_text())
-    RESULT.unlink()
+    two = _launch(lambda: _train_mlp(8), folder=tmp_path)
+    one = _launch(lambda: _train_mlp(16), num_processes=1)
     for a, b in zip(two, one):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-5, atol=1e-6)
 
@@ -247,10 +243,6 @@ def _save_with_a_slow_rank():
 
 def test_a_checkpoint_waits_for_every_rank_before_it_is_complete(tmp_path):
     """CI race: rank 0 renamed .partial while rank 1 was still writing its RNG state into it."""
-    os.environ["QCFS_DDP_DIR"] = str(tmp_path)
-    RESULT.unlink(missing_ok=True)
-    debug_launcher(_save_with_a_slow_rank, num_processes=2)
-    names = json.loads(RESULT.read_text())
-    RESULT.unlink()
+    names = _launch(_save_with_a_slow_rank, folder=tmp_path)
     assert {"random_states_0.pkl", "random_states_1.pkl", "progress.json"} <= set(names), names
     assert not list(tmp_path.glob(".*.partial"))
