@@ -66,6 +66,9 @@ import torch
 
 import qcfs_snntorch as qs
 from qcfs_snntorch.activations import ACTIVATION_GROUPS
+from qcfs_snntorch.calibration.thresholds import calibrate_from_data
+
+NORMS = (torch.nn.BatchNorm2d, torch.nn.LayerNorm, torch.nn.GroupNorm)
 
 ROOT = Path(__file__).resolve().parents[1]
 RELU = ("relu",)
@@ -265,18 +268,53 @@ def input_size(name: str, cap: int | None) -> tuple[int, int, bool]:
     return size, default, fixed
 
 
-def _forward(snn: qs.SpikingModel, size: int, timesteps: int) -> dict:
+def _wake(model: torch.nn.Module, size: int) -> None:
+    """Random weights that spike: normalisation gains in [0.5, 1.5], layer scales at 1 and zero-initialised
+    linear layers drawn anew (timm starts some at 0 or 1e-6, which leaves whole branches or the head
+    silent), then λ and BN statistics from random images.
+    Without this many outputs are exactly 0 and the consistency check below would be vacuous."""
+    gen = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, NORMS) and isinstance(weight, torch.nn.Parameter):
+            weight.data.uniform_(0.5, 1.5, generator=gen)
+        gamma = getattr(module, "gamma", None)
+        if isinstance(gamma, torch.nn.Parameter):
+            gamma.data.fill_(1.0)
+        if isinstance(module, torch.nn.Linear) and not module.weight.any():  # zero-initialised heads
+            module.weight.data.normal_(0.0, 0.02, generator=gen)
+    images = torch.rand(4, 3, size, size, generator=gen)
+    calibrate_from_data(model, [images], percentile=99.9, update_bn=True)
+    model.eval()
+
+
+def _convert_and_run(model: torch.nn.Module, rec: dict, size: int, timesteps: int) -> dict:
+    """λ from data, ``convert``, one folded forward at ``timesteps``, and the same steps through the
+    streaming ``step`` API: ``consistent`` when both agree (time folded into the batch stayed where
+    the compensated operations expect it)."""
+    _wake(model, size)
+    start = time.perf_counter()
+    snn = qs.convert(model)
+    rec.update(converted=True, convert_s=round(time.perf_counter() - start, 2), step="forward")
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     with torch.no_grad():
         out = snn(x, timesteps=timesteps)
+        forward_s = round(time.perf_counter() - start, 2)
+        snn.reset()
+        stepped = torch.stack([snn.step(x) for _ in range(timesteps)])
     shape = list(out.shape)
     finite = bool(torch.isfinite(out).all())
+    scale = float(out.abs().max()) if finite else float("nan")
+    difference = float((out - stepped).abs().max()) if finite and stepped.shape == out.shape else float("nan")
     return {
-        "forward_s": round(time.perf_counter() - start, 2),
+        "forward_s": forward_s,
         "shape": shape,
         "finite": finite,
         "ran": shape == [timesteps, 1, 10] and finite,
+        "output_scale": round(scale, 6),
+        "stream_max_diff": difference,
+        "consistent": bool(difference <= 1e-4 * max(scale, 1.0)),
     }
 
 
@@ -287,18 +325,14 @@ def _run_steps(name: str, rec: dict, size: int, timesteps: int) -> None:
     model = qs.create_model(name, num_classes=10, activations=tuple(rec["activations"])).eval()
     rec["build_s"] = round(time.perf_counter() - start, 2)
     rec["step"] = "convert"
-    start = time.perf_counter()
-    snn = qs.convert(model)
-    rec.update(converted=True, convert_s=round(time.perf_counter() - start, 2), step="forward")
-    del model
     try:
-        rec.update(_forward(snn, size, timesteps))
+        rec.update(_convert_and_run(model, rec, size, timesteps))
     except Exception as exc:
         if size == rec["default_size"]:
             raise
         # Too small for this architecture: say so, then try the model's own size.
-        rec.update(capped_error=first_line(exc), size=rec["default_size"])
-        rec.update(_forward(snn, rec["default_size"], timesteps))
+        rec.update(capped_error=first_line(exc), size=rec["default_size"], step="convert")
+        rec.update(_convert_and_run(model, rec, rec["default_size"], timesteps))
     rec.pop("step")
 
 
@@ -401,6 +435,9 @@ def stage2_summary(records: list[dict], over_cap: dict[str, list[str]]) -> dict:
         "sampled": len(records),
         "converted": sum(r["converted"] for r in records),
         "ran": sum(r["ran"] for r in records),
+        # lines written before the streaming comparison existed have no "consistent"
+        "compared": sum("consistent" in r for r in records if r["ran"]),
+        "consistent": sum(bool(r.get("consistent")) for r in records if r["ran"]),
         "families": len({r["family"] for r in records}),
         "failures": [{k: r.get(k) for k in ("name", "family", "step", "error", "shape", "finite")} for r in records if not r["ran"]],
         "families_over_cap": over_cap,
@@ -490,14 +527,20 @@ def _stage2_lines(records: list[dict], over_cap: dict[str, list[str]]) -> list[s
     lines = [
         "### Stage 2: `convert` and one SNN forward", "",
         f"**{s['ran']} of {s['sampled']} models convert and run a forward pass** "
-        f"({s['converted']} convert; {s['families']} families; {s['model_seconds'] / 60:.1f} minutes of model time).", "",
-        "| family | model | params (M) | input | converted | ran | seconds / error |", "|---|---|---|---|---|---|---|",
+        f"({s['converted']} convert; {s['families']} families; {s['model_seconds'] / 60:.1f} minutes of model time). "
+        f"Folded over T and run step by step through the streaming API, **{s['consistent']} of the {s['compared']} "
+        f"compared agree** (max |difference| ≤ 1e-4 × the output's scale; lines written before this comparison existed "
+        f"show –).", "",
+        "| family | model | params (M) | input | converted | ran | folded = streaming | seconds / error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     yes = {True: "yes", False: "**no**"}
     for r in sorted(records, key=lambda r: (r["family"], r["name"])):
-        lines.append(f"| {r['family']} | {r['name']} | {r['params_m']} | {r['size']} | {yes[r['converted']]} | {yes[r['ran']]} | {_stage2_cell(r)} |")
+        same = yes[r["consistent"]] if "consistent" in r else "–"
+        lines.append(f"| {r['family']} | {r['name']} | {r['params_m']} | {r['size']} | {yes[r['converted']]} | "
+                     f"{yes[r['ran']]} | {same} | {_stage2_cell(r)} |")
     for family, names in over_cap.items():
-        lines.append(f"| {family} | all over the cap: {', '.join(names)} | | | — | — | skipped |")
+        lines.append(f"| {family} | all over the cap: {', '.join(names)} | | | — | — | — | skipped |")
     return [*lines, ""]
 
 
