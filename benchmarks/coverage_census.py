@@ -300,22 +300,37 @@ def _convert_and_run(model: torch.nn.Module, rec: dict, size: int, timesteps: in
     start = time.perf_counter()
     with torch.no_grad():
         out = snn(x, timesteps=timesteps)
-        forward_s = round(time.perf_counter() - start, 2)
-        snn.reset()
-        stepped = torch.stack([snn.step(x) for _ in range(timesteps)])
+    forward_s = round(time.perf_counter() - start, 2)
     shape = list(out.shape)
     finite = bool(torch.isfinite(out).all())
-    scale = float(out.abs().max()) if finite else float("nan")
-    difference = float((out - stepped).abs().max()) if finite and stepped.shape == out.shape else float("nan")
     return {
         "forward_s": forward_s,
         "shape": shape,
         "finite": finite,
         "ran": shape == [timesteps, 1, 10] and finite,
-        "output_scale": round(scale, 6),
-        "stream_max_diff": difference,
-        "consistent": bool(difference <= 1e-4 * max(scale, 1.0)),
+        "output_scale": round(float(out.abs().max()), 6) if finite else None,
+        **(_folded_against_streamed(snn, x, timesteps) if finite else {}),
     }
+
+
+def _folded_against_streamed(snn: qs.SpikingModel, x: torch.Tensor, timesteps: int) -> dict:
+    """The folded forward against the same steps through the streaming ``step`` API, in float64.
+
+    In float32 the two see other batch sizes, so the linear layers round differently (~1e-6), and a
+    membrane that close to θ fires in one and not the other: on deep networks at T = 2 such flips
+    moved the outputs by up to 36 % (cs3sedarknet_l) while float64 agreed to 1e-16. Time mixed with
+    another dimension would change the outputs wholesale in any precision.
+    """
+    snn, x = snn.double(), x.double()
+    with torch.no_grad():
+        snn.reset()
+        folded = snn(x, timesteps=timesteps)
+        snn.reset()
+        stepped = torch.stack([snn.step(x) for _ in range(timesteps)])
+    if stepped.shape != folded.shape:
+        return {"stream_relative_diff": None, "consistent": False}
+    relative = float((folded - stepped).norm() / folded.norm().clamp_min(1e-300))
+    return {"stream_relative_diff": relative, "consistent": relative <= 1e-9}
 
 
 def _run_steps(name: str, rec: dict, size: int, timesteps: int) -> None:
@@ -529,8 +544,8 @@ def _stage2_lines(records: list[dict], over_cap: dict[str, list[str]]) -> list[s
         f"**{s['ran']} of {s['sampled']} models convert and run a forward pass** "
         f"({s['converted']} convert; {s['families']} families; {s['model_seconds'] / 60:.1f} minutes of model time). "
         f"Folded over T and run step by step through the streaming API, **{s['consistent']} of the {s['compared']} "
-        f"compared agree** (max |difference| ≤ 1e-4 × the output's scale; lines written before this comparison existed "
-        f"show –).", "",
+        f"compared agree** (in float64, ‖folded − streamed‖ ≤ 1e-9 × ‖folded‖; lines written before this "
+        f"comparison existed show –).", "",
         "| family | model | params (M) | input | converted | ran | folded = streaming | seconds / error |",
         "|---|---|---|---|---|---|---|---|",
     ]
