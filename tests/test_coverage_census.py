@@ -85,3 +85,19 @@ def test_doc_block_has_a_compensated_column_once_lines_have_one(census, tmp_path
     doc.write_text("no markers")
     with pytest.raises(SystemExit, match="coverage_census: start"):
         census.write_doc(doc, block)
+
+
+def test_stage2_counts_agreement_only_where_it_was_compared(census):
+    def line(name, ran, **extra):
+        return {"name": name, "family": "f", "params_m": 1.0, "size": 64, "converted": True, "ran": ran,
+                "seconds": 1.0, **extra}
+
+    lines = [line("a", True, consistent=True), line("b", True, consistent=False), line("c", True),
+             line("d", False, consistent=False, error="E: x", step="forward")]
+    summary = census.stage2_summary(lines, {})
+    assert (summary["ran"], summary["compared"], summary["consistent"]) == (3, 2, 1)
+    report = _summary(census, [_line("a", "converts")])
+    report["stage2_all"] = lines
+    block = census.markdown(report)
+    assert "**1 of the 2 compared agree**" in block
+    assert "| f | b | 1.0 | 64 | yes | yes | **no** |" in block and "| f | c | 1.0 | 64 | yes | yes | – |" in block
