@@ -467,7 +467,7 @@ def check(model_or_name, *, strict: bool = False, **create_kwargs) -> CheckRepor
     except Exception as exc:  # noqa: BLE001 - data-dependent control flow etc.: today's refusals, with why
         report.untraceable = f"{type(exc).__name__}: {str(exc)[:200]}"
         if any(p.kind in COMPENSATION or p.kind == "shared" for p in problems):
-            notes.append(f"the whole network does not trace with torch.fx ({type(exc).__name__}: {str(exc)[:200]}); "
+            notes.append(f"the whole network does not trace with torch.fx ({report.untraceable}); "
                          f"{REASONS['untraceable']}")
         return report
     report.activations = activations - len(sort.constant_activations)
