@@ -41,8 +41,12 @@ __all__ = [
     "CompensatedNorm",
     "CompensatedOp",
     "CompensatedProduct",
+    "RunningState",
+    "StepDifference",
     "TensorMethod",
     "compensated_ops",
+    "running_mean",
+    "step_differences",
 ]
 
 
@@ -59,7 +63,32 @@ class TensorMethod:
         return f".{self.name}()"
 
 
-class CompensatedOp(nn.Module):
+class RunningState(nn.Module):
+    """What the compensation keeps over time steps: a step count, reset with the neurons.
+
+    ``timesteps`` is the number of steps folded into dim 0 of the next call (set by
+    :class:`~qcfs_snntorch.spiking.SpikingModel`); :meth:`reset_state` starts a new sample and
+    :meth:`keep` drops the samples early exit has finished with.
+    """
+
+    def __init__(self, where: str = ""):
+        super().__init__()
+        self.where = where
+        self.timesteps = 1
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        self.count = 0
+
+    def keep(self, rows: torch.Tensor) -> None:
+        pass
+
+    def step_numbers(self, like: torch.Tensor) -> torch.Tensor:
+        """``count + 1 … count + timesteps``: the step each folded slice of this call is."""
+        return torch.arange(self.count + 1, self.count + self.timesteps + 1, device=like.device, dtype=like.dtype)
+
+
+class CompensatedOp(RunningState):
     """``f`` of the running means of its signal inputs, emitted as a difference over time.
 
     Args:
@@ -70,70 +99,75 @@ class CompensatedOp(nn.Module):
         signals: which arguments are signals (positions of ``args`` and names of
             ``kwargs``); the others (parameters, shapes, dims) pass through unchanged.
         where: the module path the op belongs to, for reports.
+
+    Two attributes let a chain of compensated ops skip the round trips between them (set
+    by conversion, see :mod:`qcfs_snntorch.mean_domain`): ``mean_signals``, the signals that
+    already arrive as running means (no running sum is taken of them), and ``emits_means``
+    (return ``f`` of the running means itself, for the next op of the chain, instead of
+    the per-step differences).
     """
 
     kind = "elementwise"
     ops_per_element = 1  # rough cost of f per output element, in multiply-accumulates
 
     def __init__(self, fn: Callable, signals: Sequence[int | str], where: str = ""):
-        super().__init__()
         self.__dict__["fn"] = fn  # not a child: see the class docstring
+        super().__init__(where)
         self.signals = tuple(signals)
-        self.where = where
-        self.timesteps = 1  # steps folded into dim 0 of the next call; set by SpikingModel
-        self.reset_state()
+        self.mean_signals: frozenset[int | str] = frozenset()
+        self.emits_means = False
 
     def reset_state(self) -> None:
         """Forget the running sums: the next call is step 1 of a new sample."""
-        self.sums: dict[int | str, torch.Tensor] | None = None  # per signal argument
+        super().reset_state()
+        self.sums: dict[int | str, torch.Tensor] = {}  # per signal argument
         self.last = None  # t·f(m_t) of the last step seen (a tensor, or a tuple for tuple outputs)
-        self.count = 0
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep the state of the samples ``rows`` only (early exit drops the others)."""
-        if self.sums is not None:
-            self.sums = {key: s[rows] for key, s in self.sums.items()}
-            self.last = _map_floats(self.last, lambda y: y[rows])
+        self.sums = {key: s[rows] for key, s in self.sums.items()}
+        self.last = _map_floats(self.last, lambda y: y[rows])
 
     def forward(self, *args, **kwargs):
-        steps = self.timesteps
         args, kwargs = list(args), dict(kwargs)
-        counts, sums = None, {}
+        steps = None
         for key in self.signals:
             box = args if isinstance(key, int) else kwargs
             x = box[key]
             if not (isinstance(x, torch.Tensor) and torch.is_floating_point(x)):
                 continue  # traced as a signal but not one at run time (an optional mask that is None)
-            if x.shape[0] % steps:
-                raise RuntimeError(f"{type(self).__name__} at {self.where!r}: leading dim {x.shape[0]} is not a multiple "
-                                   f"of timesteps={steps}: time is folded into the batch dimension, and either the network moved that "
-                                   f"dimension away from dim 0 before this op (not supported: it cannot be compensated) or the "
-                                   f"network was called outside SpikingModel")
-            seq = x.reshape(steps, x.shape[0] // steps, *x.shape[1:])
-            total = seq.cumsum(0) if self.sums is None else seq.cumsum(0) + self.sums[key]
-            if counts is None:
-                counts = torch.arange(self.count + 1, self.count + steps + 1, device=x.device, dtype=total.dtype)
-            sums[key] = total[-1]
-            box[key] = (total / counts.reshape(-1, *[1] * x.dim())).reshape(x.shape)
+            steps = self.check_folded(x)
+            if key not in self.mean_signals:
+                box[key], self.sums[key] = running_mean(x, self.step_numbers(x), self.sums.get(key))
         out = self.fn(*args, **kwargs)
-        if counts is None:  # no signal reached it (never, as conversion wraps them): f as is
+        if steps is None:  # no signal reached it (never, as conversion wraps them): f as is
             return out
-        cumulative = _map_floats(out, lambda y: y.reshape(steps, y.shape[0] // steps, *y.shape[1:]) * _column(counts, y))
-        previous = self.last
-        result = _map_floats(cumulative, lambda y: y, lambda y, p: torch.diff(y, dim=0, prepend=_start(p, y)), previous)
-        self.sums, self.count = sums, self.count + steps
-        self.last = _map_floats(cumulative, lambda y: y[-1])
-        return _map_floats(result, lambda d: d.flatten(0, 1), like=out)
+        if self.emits_means:
+            self.count += self.timesteps
+            return out
+        result, self.last = step_differences(out, self.step_numbers(_first_float(out)), self.last)
+        self.count += self.timesteps
+        return result
+
+    def check_folded(self, x: torch.Tensor) -> int:
+        if x.shape[0] % self.timesteps:
+            raise RuntimeError(f"{type(self).__name__} at {self.where!r}: leading dim {x.shape[0]} is not a multiple "
+                               f"of timesteps={self.timesteps}: time is folded into the batch dimension, and either the network moved "
+                               f"that dimension away from dim 0 before this op (not supported: it cannot be compensated) or the "
+                               f"network was called outside SpikingModel")
+        return self.timesteps
 
     def macs(self, inputs: Sequence, output) -> int:
         """Multiply-accumulates of one call on these (folded) tensors: ``f`` and the compensation.
 
         The compensation adds per element a running sum and a division on each signal
-        input, a product by ``t`` and a difference on each output: 2 + 2 operations.
+        input that is not a running mean already, and a product by ``t`` and a difference
+        on each output unless the op emits running means: 2 + 2 operations.
         """
         outputs = [y for y in _flat(output) if torch.is_floating_point(y)]
-        signal_elements = sum(inputs[k].numel() for k in self.signals if isinstance(k, int) and k < len(inputs))
-        out_elements = sum(y.numel() for y in outputs)
+        signal_elements = sum(inputs[k].numel() for k in self.signals
+                              if isinstance(k, int) and k < len(inputs) and k not in self.mean_signals)
+        out_elements = 0 if self.emits_means else sum(y.numel() for y in outputs)
         return int(self.f_macs(inputs, outputs) + 2 * signal_elements + 2 * out_elements)
 
     def f_macs(self, inputs: Sequence, outputs: list[torch.Tensor]) -> float:
@@ -174,6 +208,83 @@ class CompensatedElementwise(CompensatedOp):
 
     kind = "elementwise"
     ops_per_element = 4
+
+
+class StepDifference(RunningState):
+    """Running means back to per-step values: emits ``t·y_t − (t − 1)·y_{t−1}`` for the running mean ``y_t``.
+
+    The second half of a compensated op on its own: where a chain of compensated ops that
+    works on running means (see :mod:`qcfs_snntorch.mean_domain`) hands its value to a neuron,
+    to the output or to a layer that also sees per-step values, the per-step outputs up to
+    ``t`` must again sum to ``t·y_t``. Values that are not floating-point tensors (shapes,
+    indices) pass through.
+    """
+
+    kind = "difference"
+    op_name = "t·y_t − (t−1)·y_(t−1)"
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self.last = None
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.last = _map_floats(self.last, lambda y: y[rows])
+
+    def forward(self, value):
+        first = _first_float(value)
+        if first is None:
+            return value
+        result, self.last = step_differences(value, self.step_numbers(first), self.last)
+        self.count += self.timesteps
+        return result
+
+    def macs(self, inputs: Sequence, output) -> int:
+        return 2 * sum(y.numel() for y in _flat(output) if isinstance(y, torch.Tensor) and torch.is_floating_point(y))
+
+    def f_macs(self, inputs: Sequence, outputs: list[torch.Tensor]) -> float:
+        return 0.0
+
+    def extra_repr(self) -> str:
+        return f"to steps at {self.where or '<root>'}"
+
+
+def running_mean(x: torch.Tensor, numbers: torch.Tensor, previous_sum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running means of a folded signal ``[T·B, …]`` at steps ``numbers``, and the running sum after the last."""
+    steps = numbers.numel()
+    total = x.reshape(steps, x.shape[0] // steps, *x.shape[1:]).cumsum(0)
+    if previous_sum is not None:
+        total = total + previous_sum
+    return (total / _column(numbers, x)).reshape(x.shape), total[-1].clone()
+
+
+def step_differences(value, numbers: torch.Tensor, previous):
+    """Folded running means (a tensor or a tuple) → the per-step outputs whose sum through step t is ``t·y_t``,
+    and the last ``t·y_t`` (what the next call's first step is a difference from)."""
+
+    def unfold(y: torch.Tensor) -> torch.Tensor:
+        return y.reshape(numbers.numel(), y.shape[0] // numbers.numel(), *y.shape[1:]) * _column(numbers, y)
+
+    cumulative = _map_floats(value, unfold)
+    result = _map_floats(cumulative, None, _difference, previous)
+    return _map_floats(result, lambda d: d.flatten(0, 1), like=value), _map_floats(cumulative, lambda y: y[-1])
+
+
+def _difference(cumulative: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+    """``cumulative[t] − cumulative[t − 1]`` along dim 0, from ``previous`` (zero at step 1) for the first."""
+    if cumulative.requires_grad and torch.is_grad_enabled():
+        start = torch.zeros_like(cumulative[:1]) if previous is None else previous.unsqueeze(0)
+        return torch.diff(cumulative, dim=0, prepend=start)
+    out = torch.empty_like(cumulative)  # written in place: torch.diff's prepend concatenates, a copy of every element
+    torch.sub(cumulative[1:], cumulative[:-1], out=out[1:])
+    if previous is None:
+        out[0] = cumulative[0]
+    else:
+        torch.sub(cumulative[0], previous, out=out[0])
+    return out
+
+
+def _first_float(value) -> torch.Tensor | None:
+    return next((y for y in _flat(value) if isinstance(y, torch.Tensor) and torch.is_floating_point(y)), None)
 
 
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.baddbmm}
@@ -230,13 +341,6 @@ def _map_floats(value, fn, pair=None, other=None, like=None):
 def _column(counts: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The step numbers as a ``[T, 1, …]`` column broadcastable to ``y`` unfolded to ``[T, B, …]``."""
     return counts.to(y.dtype).reshape(-1, *[1] * y.dim())
-
-
-def _start(previous, y: torch.Tensor) -> torch.Tensor:
-    """What the first step of this call is a difference from: the last ``t·f(m_t)``, or zero at step 1."""
-    if previous is None:
-        return torch.zeros_like(y[:1])
-    return previous.unsqueeze(0)
 
 
 def _describe(fn) -> str:

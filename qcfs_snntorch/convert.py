@@ -11,7 +11,8 @@ from timm.layers.conv2d_same import Conv2dSame
 from torch import nn
 
 from .check import ConversionError, GraphSort, check, sort_graph
-from .compensation import COMPENSATED_KINDS, TensorMethod
+from .compensation import COMPENSATED_KINDS, CompensatedOp, StepDifference, TensorMethod
+from .mean_domain import run_chains_on_means
 from .neurons import NEURON_KINDS, MultiStepNeuron, make_neuron
 from .qcfs import QCFS
 from .spiking import SpikingModel
@@ -94,13 +95,13 @@ def fold_batchnorm(net: nn.Module) -> int:
     return folded
 
 
-def _compensate_if_traceable(net: nn.Module) -> set[str]:
+def _compensate_if_traceable(net: nn.Module, chains_on_means: bool) -> set[str]:
     """Compensate where needed; returns the paths of activations that compute constants (left as QCFS)."""
     try:
         sort = sort_graph(net)
     except Exception:  # noqa: BLE001 - does not trace: check refused it if it needed compensation
         return set()
-    compensate(net, sort)
+    compensate(net, sort, chains_on_means=chains_on_means)
     return sort.constant_activations
 
 
@@ -119,7 +120,7 @@ def _free_attr(net: nn.Module, name: str) -> str:
     return name
 
 
-def compensate(net: nn.Module, sort: GraphSort | None = None) -> int:
+def compensate(net: nn.Module, sort: GraphSort | None = None, *, chains_on_means: bool = True) -> int:
     """Rewrite ``net`` (in place) so that every non-linear op after a neuron is a compensated op
     and every activation called at several places has one module per call; returns the number
     of ops rewritten (0: the network is left exactly as it was).
@@ -129,20 +130,24 @@ def compensate(net: nn.Module, sort: GraphSort | None = None) -> int:
     ``net.compensated`` (a module op keeps its parameters where they are, shared by all its
     call sites), each extra call of a shared QCFS a copy in ``net.call_sites``. The traced
     graph becomes the network's ``forward`` (its class is kept, as a subclass), so module
-    paths and the state dict are those of the input plus the new modules.
+    paths and the state dict are those of the input plus the new modules. With
+    ``chains_on_means`` (the default), chains of compensated ops joined by linear layers run
+    on running means from the first op to the last (:mod:`~qcfs_snntorch.mean_domain`: the
+    same function, without a round trip to per-step values between them).
     """
     sort = sort or sort_graph(net)
     if not sort.compensated and not sort.call_sites:
         return 0
     graph, modules = sort.graph, dict(net.named_modules())
     compensated, sites = nn.ModuleDict(), nn.ModuleDict()
+    ops: dict[torch.fx.Node, CompensatedOp] = {}
     for node, kind, where, op in sort.compensated:
         fn = modules[node.target] if node.op == "call_module" else TensorMethod(node.target) if node.op == "call_method" else node.target
         signals = [i for i, a in enumerate(node.args) if _is_signal(a, sort)]
         signals += [k for k, a in node.kwargs.items() if _is_signal(a, sort)]
         name = _unique(f"{where}_{op}", compensated)
         compensated[name] = COMPENSATED_KINDS[kind](fn, signals, where)
-        _retarget(sort, node, f"{{}}.{name}")
+        ops[_retarget(sort, node, f"{{}}.{name}")] = compensated[name]
     for target, nodes in sort.call_sites.items():
         for node in nodes[1:]:  # the first call keeps the module
             name = _unique(f"{target}_call", sites)
@@ -156,6 +161,14 @@ def compensate(net: nn.Module, sort: GraphSort | None = None) -> int:
         net.add_module(prefix[""], compensated)
     if len(sites):
         net.add_module(prefix["sites"], sites)
+
+    def add_difference(module: StepDifference) -> str:
+        name = _unique(f"{module.where}_to_steps", compensated)
+        compensated[name] = module
+        return f"{prefix['']}.{name}"
+
+    if chains_on_means and ops:
+        run_chains_on_means(graph, dict(net.named_modules()), ops, add_difference)
     _install_forward(net, graph)
     return len(sort.compensated) + sum(len(n) - 1 for n in sort.call_sites.values())
 
@@ -164,7 +177,7 @@ def _is_signal(arg, sort: GraphSort) -> bool:
     return isinstance(arg, torch.fx.Node) and arg in sort.dynamic
 
 
-def _retarget(sort: GraphSort, node: torch.fx.Node, target: str) -> None:
+def _retarget(sort: GraphSort, node: torch.fx.Node, target: str) -> torch.fx.Node:
     """Make ``node`` a call of the module at ``target`` with the same arguments (a signal stays one)."""
     with sort.graph.inserting_after(node):
         new = sort.graph.call_module(target, node.args, node.kwargs)
@@ -173,6 +186,7 @@ def _retarget(sort: GraphSort, node: torch.fx.Node, target: str) -> None:
         sort.dynamic.add(new)
     node.replace_all_uses_with(new)
     sort.graph.erase_node(node)
+    return new
 
 
 def _install_forward(net: nn.Module, graph: torch.fx.Graph) -> None:
@@ -212,6 +226,7 @@ def convert(
     verify: bool = True,
     memory_format: torch.memory_format | str | None = "auto",
     strict: bool = False,
+    chains_on_means: bool = True,
 ) -> SpikingModel:
     """Convert a network with QCFS activations into a :class:`SpikingModel`.
 
@@ -237,6 +252,9 @@ def convert(
             picks :func:`preferred_memory_format` (channels-last for 2-D conv networks); a
             ``torch.memory_format`` forces one; ``None`` keeps the model's. The function
             computed is the same in every layout, up to the rounding of convolutions.
+        chains_on_means: run chains of compensated ops joined by linear layers on running
+            means (:mod:`~qcfs_snntorch.mean_domain`); ``False`` compensates every op on its
+            own (the same function up to rounding, slower: for comparisons).
 
     Raises:
         ConversionError: listing every module or functional op that cannot be converted.
@@ -252,7 +270,7 @@ def convert(
     net = copy.deepcopy(model)
     if fold_bn:
         fold_batchnorm(net)
-    constants = _compensate_if_traceable(net) if not strict and not isinstance(net, QCFS) else set()
+    constants = _compensate_if_traceable(net, chains_on_means) if not strict and not isinstance(net, QCFS) else set()
 
     def neuron_for(act: QCFS) -> MultiStepNeuron:
         common = dict(shift=act.shift, learn_threshold=learn_threshold, surrogate=surrogate, surrogate_width=surrogate_width)

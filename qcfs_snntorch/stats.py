@@ -30,7 +30,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .compensation import CompensatedOp, compensated_ops
+from .compensation import CompensatedOp, StepDifference, compensated_ops
 from .neurons import MultiStepNeuron
 from .neurons.base import usable_threshold
 from .progress import Progress
@@ -93,14 +93,14 @@ def _count(snn: nn.Module, x: torch.Tensor, timesteps: int):
         # MACs per output element = weight[0].numel() for conv (C_in/groups·kernel) and linear (in_features).
         c[2] = output[0].numel() * module.weight[0].numel()
 
-    def on_compensated(module: CompensatedOp, inputs, output):
+    def on_compensated(module: CompensatedOp | StepDifference, inputs, output):
         c = compensated_counts.setdefault(names[module], [0.0, 0.0])
         c[0] += module.macs(inputs, output)
         c[1] += module.f_macs(inputs, [y for y in (output if isinstance(output, tuple) else [output])
                                        if torch.is_floating_point(y)]) / module.timesteps
 
     pairs = [(m, on_neuron) for m in spiking_neurons(net)]
-    pairs += [(m, on_compensated) for m in compensated_ops(net)]
+    pairs += [(m, on_compensated) for m in [*compensated_ops(net), *(m for m in net.modules() if isinstance(m, StepDifference))]]
     pairs += [(m, on_layer) for m in net.modules() if isinstance(m, _WEIGHTED)]
     with eval_mode(snn), forward_hooks(pairs):
         snn(x, timesteps=timesteps)

@@ -20,7 +20,7 @@ import torch.fx
 from timm.layers import get_notrace_functions, is_notrace_module
 from torch import nn
 
-from .compensation import CompensatedOp
+from .compensation import RunningState
 from .neurons import MultiStepNeuron
 from .qcfs import QCFS
 
@@ -52,9 +52,9 @@ def spiking_neurons(model: nn.Module) -> list[MultiStepNeuron]:
     return [m for m in model.modules() if isinstance(m, MultiStepNeuron)]
 
 
-def stateful_modules(model: nn.Module) -> list[MultiStepNeuron | CompensatedOp]:
-    """What carries state over time steps: the neurons and the compensated operations, in module order."""
-    return [m for m in model.modules() if isinstance(m, (MultiStepNeuron, CompensatedOp))]
+def stateful_modules(model: nn.Module) -> list[MultiStepNeuron | RunningState]:
+    """What carries state over time steps: the neurons and the compensation's running state, in module order."""
+    return [m for m in model.modules() if isinstance(m, (MultiStepNeuron, RunningState))]
 
 
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -110,7 +110,7 @@ class LeafTracer(torch.fx.Tracer):
         return super().trace(root, concrete_args=concrete_args)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (QCFS, MultiStepNeuron, CompensatedOp)):
+        if isinstance(m, (QCFS, MultiStepNeuron, RunningState)):
             return True
         if is_notrace_module(type(m)):
             return not any(isinstance(sub, (QCFS, MultiStepNeuron)) for sub in m.modules())
@@ -126,7 +126,7 @@ class ShallowTracer(torch.fx.Tracer):
 
 def has_own_forward(module: nn.Module) -> bool:
     """True if the module's forward is code outside torch.nn (its ops are not covered by class rules)."""
-    if isinstance(module, (QCFS, MultiStepNeuron, CompensatedOp)):
+    if isinstance(module, (QCFS, MultiStepNeuron, RunningState)):
         return False
     return not type(module).__module__.startswith("torch.nn")
 
