@@ -6,10 +6,13 @@
 Each model is built by :func:`qcfs_snntorch.create_model` with QCFS in place of ReLU,
 GELU and SiLU (random weights, eval mode, no grad); everything else non-linear
 (LayerNorm, attention, gates, …) is compensated by :func:`qcfs_snntorch.convert`. Timed
-side by side (interleaved rounds, median): ``ann`` (one forward at batch B) and
-``engine`` (``snn(x, timesteps=T)``, the engine's defaults). ``ratio`` = engine ms / (T ×
-ann ms), from wall and CPU time (process_time leaves out the time other processes held
-the cores on a shared machine). ``compensated`` counts the wrapped ops per kind.
+side by side (interleaved rounds, median): ``ann`` (one forward at batch B), ``engine``
+(``snn(x, timesteps=T)``, the engine's defaults: BatchNorm kept for fine-tuning, chains of
+compensated ops on running means), ``fold_bn`` (``convert(fold_bn=True)``, the deployment
+setting) and ``per_op`` (``chains_on_means=False``: every compensated op on its own, the
+engine before chains). ``ratio`` = engine ms / (T × ann ms), from wall and CPU time
+(process_time leaves out the time other processes held the cores on a shared machine);
+``ratios`` gives it for every variant. ``compensated`` counts the wrapped ops per kind.
 """
 
 # ruff: noqa: I001, B023  (_common goes before torch: it sets OMP_WAIT_POLICY; the lambdas run within their loop iteration)
@@ -28,10 +31,13 @@ from qcfs_snntorch.compensation import compensated_ops
 MODELS = ["test_vit", "test_convnext", "test_efficientnet"]
 
 
-def build(name: str, size: int) -> tuple[torch.nn.Module, qs.SpikingModel]:
+VARIANTS = {"engine": {}, "fold_bn": {"fold_bn": True}, "per_op": {"chains_on_means": False}}
+
+
+def build(name: str, size: int) -> tuple[torch.nn.Module, dict[str, qs.SpikingModel]]:
     kwargs = {"img_size": size} if "vit" in name else {}
     ann = qs.create_model(name, num_classes=10, activations=("relu", "gelu", "silu"), **kwargs).eval()
-    return ann, qs.convert(ann).eval()
+    return ann, {variant: qs.convert(ann, **options).eval() for variant, options in VARIANTS.items()}
 
 
 def main() -> None:
@@ -44,18 +50,20 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     for name in args.models:
-        ann, snn = build(name, args.size)
+        ann, snns = build(name, args.size)
         x = torch.randn(args.batch, 3, args.size, args.size)
-        kinds = dict(Counter(op.kind for op in compensated_ops(snn.net)))
+        kinds = dict(Counter(op.kind for op in compensated_ops(snns["engine"].net)))
         for t in args.timesteps:
+            fns = {"ann": lambda: ann(x)} | {variant: (lambda snn=snn: snn(x, timesteps=t)) for variant, snn in snns.items()}
             with torch.no_grad():
-                times = time_interleaved({"ann": lambda: ann(x), "engine": lambda: snn(x, timesteps=t)}, args.repeats)
+                times = time_interleaved(fns, args.repeats)
             record = {"benchmark": "compensated_inference", "model": name, "T": t, "batch": args.batch, "size": args.size,
-                      "compensated": kinds, "neurons": len(snn.neurons()), "machine": machine()}
+                      "compensated": kinds, "neurons": len(snns["engine"].neurons()), "machine": machine()}
             for clock in ("wall", "cpu"):
                 ms = times[clock]
                 record[f"{clock}_ms"] = {k: round(v, 2) for k, v in ms.items()}
                 record[f"{clock}_ratio"] = round(ms["engine"] / (t * ms["ann"]), 3)
+                record[f"{clock}_ratios"] = {k: round(ms[k] / (t * ms["ann"]), 3) for k in snns}
             emit(record)
 
 

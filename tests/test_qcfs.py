@@ -119,3 +119,44 @@ def test_a_large_negative_threshold_computes_as_exactly_the_minimum(learned):
     assert torch.equal(out.detach(), expected), (out, expected)
     out.sum().backward()
     assert torch.isfinite(act.threshold.grad).all() and act.threshold.grad.item() > 0
+
+
+class _PushThresholdDown:
+    """A loss that one SGD step answers by sending λ far below zero (every input is above λ: ∂a/∂λ = 1)."""
+
+    def train_mode(self, model):
+        model.train()
+
+    def start_epoch(self, model, epoch, first_step):
+        pass
+
+    def close(self, model):
+        pass
+
+    def __call__(self, model, images, labels, step):
+        out = model(images)
+        return {"loss": out.sum() * 1e4, "output": out}
+
+
+@pytest.mark.parametrize("project", [True, False])
+def test_training_projects_thresholds_back_to_the_minimum_after_each_update(tmp_path, project):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from qcfs_snntorch.config import TrainConfig
+    from qcfs_snntorch.qcfs import MIN_THRESHOLD
+    from qcfs_snntorch.training import fit, make_accelerator
+    from qcfs_snntorch.training.tasks import Task
+
+    task = _PushThresholdDown()
+    if project:
+        task.after_update = Task().after_update  # what every task of the package does
+    else:
+        task.after_update = lambda model: None
+    act = QCFS(levels=4, threshold=1.0)
+    loader = DataLoader(TensorDataset(torch.full((4, 3), 10.0), torch.zeros(4, dtype=torch.long)), batch_size=4)
+    fit(act, loader, task=task, cfg=TrainConfig(epochs=1, lr=0.1, weight_decay=0.0, warmup_epochs=0), accelerator=make_accelerator(),
+        checkpoints=tmp_path, log=lambda m: None)
+    if project:
+        assert act.threshold.item() == pytest.approx(MIN_THRESHOLD)
+    else:
+        assert act.threshold.item() < -100  # what the projection prevents

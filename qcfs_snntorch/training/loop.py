@@ -237,6 +237,7 @@ class _Trainer:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
+                self.task.after_update(self.accelerator.unwrap_model(self.model))
         except torch.OutOfMemoryError as exc:
             raise TrainingOutOfMemory(_out_of_memory_message(self.label, self.name, where, len(labels), self.accum,
                                                              self.accelerator, self.last_good_text())) from exc

@@ -21,7 +21,8 @@ resumed mid-epoch draws the same sequence as an uninterrupted one.
 
 The loop calls ``task.start_epoch(model, epoch, first_step)`` before each epoch (a task that
 changes with the epoch does it there, from the epoch number alone, so a resumed run is in the
-same state as an uninterrupted one) and ``task.close(model)`` when training ends, however it ends.
+same state as an uninterrupted one), ``task.after_update(model)`` after every optimizer update
+(by default :func:`project_thresholds`) and ``task.close(model)`` when training ends, however it ends.
 """
 
 from __future__ import annotations
@@ -33,9 +34,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tracing import batchnorms, qcfs_layers
+from ..qcfs import MIN_THRESHOLD
+from ..tracing import batchnorms, qcfs_layers, spiking_neurons
 
-__all__ = ["Classification", "SpikingFinetune", "Task", "distillation_loss", "tet_loss", "draw"]
+__all__ = ["Classification", "SpikingFinetune", "Task", "distillation_loss", "draw", "project_thresholds", "tet_loss"]
+
+
+def project_thresholds(model: nn.Module) -> int:
+    """Set every learnable λ (QCFS) and θ (neuron) below :data:`~qcfs_snntorch.qcfs.MIN_THRESHOLD` to it; returns how many.
+
+    The forward passes use a threshold clamped at the minimum already, with a straight-through
+    gradient; but one large step can carry the parameter itself far below zero (λ = −960 after one
+    SGD step was seen, ``benchmarks/qcfs_lambda_diagnosis.py``), and the layer then stays silent for
+    as many steps as it takes the gradient to bring it back. Projected after each update, it is at
+    most one step away from being useful again.
+    """
+    projected = 0
+    with torch.no_grad():
+        for layer in [*qcfs_layers(model), *spiking_neurons(model)]:
+            threshold = layer.threshold
+            if isinstance(threshold, nn.Parameter) and threshold.requires_grad:
+                low = threshold < MIN_THRESHOLD
+                if bool(low.any()):
+                    projected += int(low.sum())
+                    threshold.clamp_(min=MIN_THRESHOLD)
+    return projected
 
 
 def draw(choices: list[int], seed: int, step: int) -> int:
@@ -77,6 +100,10 @@ class Task:
 
     def start_epoch(self, model: nn.Module, epoch: int, first_step: int) -> None:
         """Before epoch ``epoch`` (0-based); ``first_step`` > 0 when a resumed run continues it mid-way."""
+
+    def after_update(self, model: nn.Module) -> None:
+        """After every optimizer update: keep each learnable threshold usable (:func:`project_thresholds`)."""
+        project_thresholds(model)
 
     def close(self, model: nn.Module) -> None:
         """Training ended (or failed): leave ``model`` as it is used afterwards."""
