@@ -21,7 +21,8 @@ parameters, are built for real on the CPU (``pretrained=False``, eval mode), con
 with ``convert`` and run once: ``snn(torch.rand(1, 3, S, S), timesteps=T)``. S is the
 model's default input size (its pretrained cfg; 224 without one), capped by ``--size``
 unless the architecture has a fixed input size. A run counts when the output is
-``[T, 1, 10]`` and finite.
+``[T, 1, 10]`` (or ``[T, 1, …]``: an encoder without a classifier head, such as timm's
+``*_enc`` models, gives its features) and finite.
 
 Each name of stage 1 ends as one outcome: ``converts`` (IF neurons and linear operations
 only), ``compensated`` (converts, with non-linear operations run as compensated operations:
@@ -307,7 +308,9 @@ def _convert_and_run(model: torch.nn.Module, rec: dict, size: int, timesteps: in
         "forward_s": forward_s,
         "shape": shape,
         "finite": finite,
-        "ran": shape == [timesteps, 1, 10] and finite,
+        # [T, 1, 10]; an encoder without a classifier head (timm's *_enc) gives its features: it ran too
+        "ran": shape[:2] == [timesteps, 1] and finite,
+        "classifier": shape == [timesteps, 1, 10],
         "output_scale": round(float(out.abs().max()), 6) if finite else None,
         **(_folded_against_streamed(snn, x, timesteps) if finite else {}),
     }
