@@ -283,6 +283,21 @@ def _difference(cumulative: torch.Tensor, previous: torch.Tensor | None) -> torc
     return out
 
 
+def _shifted_product(seq: torch.Tensor, means: torch.Tensor, sums: torch.Tensor, previous_sum, previous_mean) -> torch.Tensor:
+    """``a_t·b̄_t + S_{t−1}·(b̄_t − b̄_{t−1})`` over the steps of ``seq`` (``a``), with ``S`` its running sums."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (seq, means, sums)):
+        start_sum = torch.zeros_like(sums[:1]) if previous_sum is None else previous_sum.unsqueeze(0)
+        start_mean = means[:1] if previous_mean is None else previous_mean.unsqueeze(0)
+        sums_before = torch.cat([start_sum, sums[:-1]])
+        return seq * means + sums_before * (means - torch.cat([start_mean, means[:-1]]))
+    out = seq * means
+    if seq.shape[0] > 1:
+        out[1:].addcmul_(sums[:-1], means[1:] - means[:-1])
+    if previous_sum is not None:
+        out[0].addcmul_(previous_sum, means[0] - previous_mean)
+    return out
+
+
 def _first_float(value) -> torch.Tensor | None:
     return next((y for y in _flat(value) if isinstance(y, torch.Tensor) and torch.is_floating_point(y)), None)
 
@@ -290,10 +305,64 @@ def _first_float(value) -> torch.Tensor | None:
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm, torch.baddbmm}
 
 
+_ELEMENTWISE_PRODUCTS = {operator.mul, torch.mul}
+
+
 class CompensatedProduct(CompensatedOp):
-    """A product of signals (x·gate, q·kᵀ, attention·v, whole scaled-dot-product attention) of their running means."""
+    """A product of signals (x·gate, q·kᵀ, attention·v, whole scaled-dot-product attention) of their running means.
+
+    An elementwise product ``a·b`` whose output goes back to per-step values (a squeeze-excite
+    gate times its feature map) takes a shorter way: with ``S_t`` the running sum of ``a`` and
+    ``b̄_t`` the running mean of ``b``, ``t·ā_t·b̄_t = S_t·b̄_t``, so step t emits
+    ``a_t·b̄_t + S_{t−1}·(b̄_t − b̄_{t−1})`` — the same value without dividing ``a`` by ``t``,
+    multiplying back and taking a difference of the large operand.
+    """
 
     kind = "product"
+
+    def reset_state(self) -> None:
+        super().reset_state()
+        self.last_mean = None  # b̄ of the last step seen (the shorter way for x·gate)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        super().keep(rows)
+        if self.last_mean is not None:
+            self.last_mean = self.last_mean[rows]
+
+    def forward(self, *args, **kwargs):
+        pair = self.elementwise_operands(args, kwargs)
+        if pair is None:
+            return super().forward(*args, **kwargs)
+        big, small = pair
+        a, b = args[big], args[small]
+        self.check_folded(a), self.check_folded(b)
+        numbers = self.step_numbers(a)
+        steps = numbers.numel()
+        if small not in self.mean_signals:
+            b, self.sums[small] = running_mean(b, numbers, self.sums.get(small))
+        seq = a.reshape(steps, a.shape[0] // steps, *a.shape[1:])
+        means = b.reshape(steps, b.shape[0] // steps, *b.shape[1:])
+        previous_sum, previous_mean = self.sums.get(big), self.last_mean
+        sums = seq.cumsum(0) if previous_sum is None else seq.cumsum(0) + previous_sum
+        out = _shifted_product(seq, means, sums, previous_sum, previous_mean)
+        self.sums[big], self.last_mean = sums[-1].clone(), means[-1]
+        self.count += steps
+        return out.reshape(torch.broadcast_shapes(a.shape, b.shape))
+
+    def elementwise_operands(self, args: tuple, kwargs: dict) -> tuple[int, int] | None:
+        """(position of the per-step operand to sum, position of the other) for ``a * b`` emitted per step, else None."""
+        name = getattr(self.fn, "name", None)
+        if self.emits_means or kwargs or len(args) != 2 or not (self.fn in _ELEMENTWISE_PRODUCTS or name == "mul"):
+            return None
+        if set(self.signals) != {0, 1} or not all(isinstance(x, torch.Tensor) and torch.is_floating_point(x) for x in args):
+            return None
+        per_step = [i for i in (0, 1) if i not in self.mean_signals]
+        if not per_step:
+            return None
+        big = max(per_step, key=lambda i: args[i].numel())
+        if args[big].shape != torch.broadcast_shapes(args[0].shape, args[1].shape):
+            return None
+        return big, 1 - big
 
     def f_macs(self, inputs: Sequence, outputs: list[torch.Tensor]) -> float:
         out = sum(y.numel() for y in outputs)

@@ -152,6 +152,43 @@ def test_tuple_outputs_keep_integer_indices():
     torch.testing.assert_close(values, torch.tensor([3.0, 2 * 3.0 - 3.0]))
 
 
+@pytest.mark.parametrize("gate_as_means", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_elementwise_product_takes_a_shorter_way_to_the_same_outputs(gate_as_means, grad):
+    """x·gate emitted per step: a_t·b̄_t + S_{t−1}·(b̄_t − b̄_{t−1}) equals the general rule, over chunks."""
+    import operator
+
+    from qcfs_snntorch.compensation import CompensatedOp, CompensatedProduct, running_mean
+
+    gen = torch.Generator().manual_seed(0)
+    steps, batch = 6, 2
+    x = torch.randn(steps * batch, 4, 3, 3, generator=gen, dtype=torch.float64, requires_grad=grad)
+    gate = torch.rand(steps * batch, 4, 1, 1, generator=gen, dtype=torch.float64, requires_grad=grad)
+    short, general = CompensatedProduct(operator.mul, [0, 1]), CompensatedOp(operator.mul, [0, 1])
+    if gate_as_means:  # the gate arrives as running means (a chain), as in squeeze-excite
+        short.mean_signals = frozenset({1})
+        numbers = torch.arange(1, steps + 1, dtype=torch.float64)
+        gate_in, _ = running_mean(gate, numbers, None)
+    else:
+        gate_in = gate
+    outs = {}
+    for name, op in (("short", short), ("general", general)):
+        chunks, start = [], 0
+        for size in (4, 2):  # two calls: the state carries over
+            op.timesteps = size
+            rows = slice(start * batch, (start + size) * batch)
+            chunks.append(op(x[rows], (gate_in if name == "short" else gate)[rows]))
+            start += size
+        outs[name] = torch.cat(chunks)
+    assert short.last_mean is not None  # it took the shorter way
+    torch.testing.assert_close(outs["short"], outs["general"], rtol=1e-12, atol=1e-12)
+    if grad:
+        g_short = torch.autograd.grad(outs["short"].square().sum(), (x, gate))
+        g_general = torch.autograd.grad(outs["general"].square().sum(), (x, gate))
+        for gs, gg in zip(g_short, g_general):
+            torch.testing.assert_close(gs, gg, rtol=1e-10, atol=1e-10)
+
+
 # ---------------------------------------------------------------- whole networks
 
 NETWORKS = ["test_vit", "test_convnext", "test_efficientnet"]
