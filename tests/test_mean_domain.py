@@ -160,3 +160,12 @@ def test_stats_count_a_chain_as_fewer_macs_and_the_step_difference_apart():
     totals = [spike_stats(snn.float(), x, 4)["totals"]["compensated_macs_by_kind"] for snn in (fused, per_op)]
     assert totals[0]["difference"] > 0 and "difference" not in totals[1]
     assert sum(totals[0].values()) < sum(totals[1].values())
+
+
+def test_a_vit_attention_takes_q_k_v_as_running_means_of_its_norm():
+    fused, _ = _pair(_network("test_vit"))
+    ops = {op.where: op for op in compensated_ops(fused.net)}
+    attention = [op for op in ops.values() if op.kind == "product"]
+    assert attention and all(op.mean_signals == {0, 1, 2} and not op.emits_means for op in attention)
+    norms = [op for where, op in ops.items() if where.endswith("norm1") and f"{where[:-len('norm1')]}attn" in ops]
+    assert norms and all(op.emits_means for op in norms)  # LayerNorm → qkv → attention: one chain
