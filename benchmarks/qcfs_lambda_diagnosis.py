@@ -8,7 +8,10 @@ validation accuracy, the λ range and the largest |∂loss/∂λ| of the epoch.
 
 Variants: ``learned`` (as the library trains it), ``frozen`` (λ stays at its value from data),
 ``lsq`` (λ's gradient scaled by 1/sqrt(elements per sample × L), the step-size gradient scale of
-LSQ, Esser et al. 2020), ``relu`` (the ReLU twin: no QCFS).
+LSQ, Esser et al. 2020), ``projected`` (learned, and every λ below the floor set back to it after
+each step, as :func:`qcfs_snntorch.training.tasks.project_thresholds` does in the library's loop
+since this diagnosis), ``relu`` (the ReLU twin: no QCFS). ``lambda_below`` counts the steps that
+left some λ below the floor.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import qcfs_snntorch as qs
 from qcfs_snntorch.calibration.thresholds import calibrate_from_data
 from qcfs_snntorch.config import DataConfig
 from qcfs_snntorch.data import build_datasets, sample_batch
+from qcfs_snntorch.qcfs import MIN_THRESHOLD
+from qcfs_snntorch.training.tasks import project_thresholds
 
 
 def scale_lambda_gradients(model, images) -> None:
@@ -47,7 +52,7 @@ def scale_lambda_gradients(model, images) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="regnetx_002")
-    ap.add_argument("--variant", choices=["learned", "frozen", "lsq", "relu"], default="learned")
+    ap.add_argument("--variant", choices=["learned", "frozen", "lsq", "projected", "relu"], default="learned")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=0.05)
@@ -86,7 +91,7 @@ def main() -> None:
         return 100 * correct / seen
 
     for epoch in range(args.epochs):
-        losses, largest = [], 0.0
+        losses, largest, below = [], 0.0, 0
         for x, y in loader:
             warmup = min(1.0, (step + 1) / len(loader))  # one warm-up epoch, then cosine
             cosine = 0.5 * (1 + math.cos(math.pi * step / total_steps))
@@ -98,13 +103,17 @@ def main() -> None:
             if lambdas:
                 largest = max(largest, max(abs(p.grad.item()) for p in lambdas))
             optimizer.step()
+            below += any(p.item() < MIN_THRESHOLD for p in lambdas)
+            if args.variant == "projected":
+                project_thresholds(model)
             step += 1
             losses.append(loss.item())
         values = [round(p.item(), 2) for p in lambdas]
         print(json.dumps({"model": args.model, "variant": args.variant, "seed": args.seed, "lr": args.lr,
                           "percentile": args.percentile, "epoch": epoch + 1, "loss": round(sum(losses) / len(losses), 3),
                           "val": round(validation_accuracy(), 2), "lambda_min": min(values, default=None),
-                          "lambda_max": max(values, default=None), "max_lambda_grad": round(largest, 2)}), flush=True)
+                          "lambda_max": max(values, default=None), "max_lambda_grad": round(largest, 2),
+                          "lambda_below": below}), flush=True)
 
 
 if __name__ == "__main__":
