@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--percentile", type=float, default=99.9, help="λ from this percentile of each layer's inputs")
     ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--bn-eps", type=float, help="set every BatchNorm's eps (the default is 1e-5)")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -65,6 +66,14 @@ def main() -> None:
     extra = {"activations": []} if args.variant == "relu" else {}
     model = qs.create_model(args.model, num_classes=10, in_chans=1, **extra)
     lambdas = [m.threshold for m in model.modules() if isinstance(m, qs.QCFS)]
+    if args.bn_eps is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eps = args.bn_eps
+    smallest_var = []  # per step: the smallest per-channel batch variance any BatchNorm saw
+    hooks = [m.register_forward_hook(lambda mod, a, out: smallest_var.append(a[0].detach().var(dim=(0, 2, 3)).min().item())
+                                     if mod.training and a[0].dim() == 4 else None)
+             for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     if lambdas:
         images, _ = sample_batch(data.calibration, 256, args.seed)
         calibrate_from_data(model, images.split(32), percentile=args.percentile, update_bn=True)
@@ -92,6 +101,7 @@ def main() -> None:
 
     for epoch in range(args.epochs):
         losses, largest, below = [], 0.0, 0
+        smallest_var.clear()
         for x, y in loader:
             warmup = min(1.0, (step + 1) / len(loader))  # one warm-up epoch, then cosine
             cosine = 0.5 * (1 + math.cos(math.pi * step / total_steps))
@@ -113,7 +123,10 @@ def main() -> None:
                           "percentile": args.percentile, "epoch": epoch + 1, "loss": round(sum(losses) / len(losses), 3),
                           "val": round(validation_accuracy(), 2), "lambda_min": min(values, default=None),
                           "lambda_max": max(values, default=None), "max_lambda_grad": round(largest, 2),
-                          "lambda_below": below}), flush=True)
+                          "lambda_below": below, "bn_eps": args.bn_eps,
+                          "min_bn_batch_var": float(f"{min(smallest_var, default=float('nan')):.3g}")}), flush=True)
+    for hook in hooks:
+        hook.remove()
 
 
 if __name__ == "__main__":
