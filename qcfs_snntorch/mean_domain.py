@@ -68,7 +68,7 @@ def run_chains_on_means(graph: torch.fx.Graph, modules: dict[str, nn.Module], op
                         add_difference: Callable[[StepDifference], str]) -> int:
     """Rewrite ``graph`` (in place) so that chains of the compensated ops ``ops`` run on running means.
 
-    ``modules`` maps the graph's module targets to modules (the compensated ops excluded);
+    ``modules`` maps the graph's module targets to modules;
     ``add_difference`` registers a new :class:`StepDifference` and returns its target.
     Sets each op's ``mean_signals`` and ``emits_means``; returns how many ops take a signal
     as a running mean.
@@ -80,8 +80,8 @@ def run_chains_on_means(graph: torch.fx.Graph, modules: dict[str, nn.Module], op
         inputs = [a for a in node.all_input_nodes if a in signal]
         if node.op == "placeholder" or (inputs and not _is_metadata(node)):
             signal.add(node)
-        if node in ops or node.op != "placeholder" and node in signal and not _needs_steps(node, modules) \
-                and all(a in ops or a in can_mean for a in inputs):
+        linear = node.op != "placeholder" and node in signal and not _needs_steps(node, modules)
+        if node in ops or (linear and all(a in ops or a in can_mean for a in inputs)):
             can_mean.add(node)
     # Backwards: a value is wanted as a running mean when a compensated op takes it as a signal,
     # or a linear node that is itself computed on running means uses it.
