@@ -18,7 +18,7 @@ from .qcfs import QCFS
 from .spiking import SpikingModel
 from .tracing import LeafTracer
 
-__all__ = ["compensate", "convert", "fold_batchnorm", "preferred_memory_format"]
+__all__ = ["compensate", "convert", "fold_batchnorm", "preferred_memory_format", "to_memory_format"]
 
 
 def _fuse(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -213,6 +213,30 @@ def preferred_memory_format(model: nn.Module) -> torch.memory_format:
     return torch.channels_last if has_conv2d else torch.contiguous_format
 
 
+_FORMAT_RANKS = {torch.channels_last: 4, torch.channels_last_3d: 5}
+
+
+def to_memory_format(model: nn.Module, memory_format: torch.memory_format) -> nn.Module:
+    """``model`` (in place) with its parameters and buffers in ``memory_format`` where the layout applies.
+
+    ``model.to(memory_format=torch.channels_last)`` fails on any 5-D weight (a Conv3d, as in timm's
+    lambda layers: "required rank 4 tensor to use channels_last format"); here only the tensors of
+    the format's rank change (4-D for channels-last, 5-D for channels-last-3d) and the others stay.
+    """
+    rank = _FORMAT_RANKS.get(memory_format)
+    if rank is None:
+        return model.to(memory_format=memory_format)
+    with torch.no_grad():
+        for module in model.modules():
+            for _, param in module.named_parameters(recurse=False):
+                if param.dim() == rank:
+                    param.data = param.data.contiguous(memory_format=memory_format)
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.dim() == rank:
+                    setattr(module, name, buffer.contiguous(memory_format=memory_format))
+    return model
+
+
 def convert(
     model: nn.Module,
     *,
@@ -287,5 +311,5 @@ def convert(
     if memory_format == "auto":
         memory_format = preferred_memory_format(net)
     if memory_format is not None:
-        net = net.to(memory_format=memory_format)
+        net = to_memory_format(net, memory_format)
     return SpikingModel(net, chunk_size=chunk_size).train(model.training)

@@ -219,3 +219,29 @@ def test_fused_node_saves_only_the_membrane():
         n(x)
     assert sorted(saved) == [1, x.numel()]  # θ and v: [T, B, …] fp32, nothing per step
 
+
+
+class WithConv3d(nn.Module):
+    """A 2-D conv network with a Conv3d inside (timm's lambda layers have one): 5-D weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(3, 4, 3, padding=1), QCFS(4, 1.0)
+        self.conv3d = nn.Conv3d(1, 1, (1, 3, 3), padding=(0, 1, 1))
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = self.act(self.conv(x))
+        x = self.conv3d(x.unsqueeze(1)).squeeze(1)
+        return self.head(x.mean((2, 3)))
+
+
+def test_channels_last_leaves_five_dimensional_weights_alone():
+    """`.to(memory_format=channels_last)` raises on a 5-D weight; conversion changes only the 4-D ones."""
+    ann = WithConv3d().eval()
+    snn = convert(ann, max_spikes=4)  # memory_format="auto": channels-last for a 2-D conv network
+    assert snn.net.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert snn.net.conv3d.weight.dim() == 5 and snn.net.conv3d.weight.is_contiguous()
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(snn(x, timesteps=1)[0], ann(x))

@@ -24,7 +24,7 @@ from accelerate.utils import set_seed
 
 from ..calibration import calibrate_potentials
 from ..compensation import compensated_ops
-from ..convert import convert, preferred_memory_format
+from ..convert import convert, preferred_memory_format, to_memory_format
 from ..export import export_nir
 from ..spiking import SpikingModel
 from ..stats import conversion_error, spike_stats
@@ -93,7 +93,7 @@ class Train(Stage):
         cfg = ctx.cfg
         initial_thresholds(ctx)  # a checkpoint training continues from brings its own λ back
         if ctx.accelerator.device.type == "cuda":  # cuDNN's fastest layout; a CPU trained no faster in it (docs/BENCHMARKS.md)
-            ctx.ann.to(memory_format=preferred_memory_format(ctx.ann))
+            to_memory_format(ctx.ann, preferred_memory_format(ctx.ann))
         history = fit(
             ctx.ann, ctx.train_loader(), cfg=cfg.train, accelerator=ctx.accelerator,
             checkpoints=ctx.checkpoints("ann", ctx.checkpoint_fingerprint(self.name)),
