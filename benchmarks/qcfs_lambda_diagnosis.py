@@ -8,7 +8,7 @@ validation accuracy, the λ range and the largest |∂loss/∂λ| of the epoch.
 
 Variants: ``learned`` (as the library trains it), ``frozen`` (λ stays at its value from data),
 ``lsq`` (λ's gradient scaled by 1/sqrt(elements per sample × L), the step-size gradient scale of
-LSQ, Esser et al. 2020), ``projected`` (learned, and every λ below the floor set back to it after
+LSQ, Esser et al. 2020; ``--levels-start`` trains at a larger L first), ``projected`` (learned, and every λ below the floor set back to it after
 each step, as :func:`qcfs_snntorch.training.tasks.project_thresholds` does in the library's loop
 since this diagnosis), ``relu`` (the ReLU twin: no QCFS). ``lambda_below`` counts the steps that
 left some λ below the floor.
@@ -49,6 +49,29 @@ def scale_lambda_gradients(model, images) -> None:
         m.threshold.register_hook(lambda g, scale=scale: g * scale)
 
 
+def watch_batchnorms(model, eps: float | None) -> tuple[list[float], list]:
+    """Set every BatchNorm's eps (if given); hooks that record, per training step, the smallest per-channel
+    batch variance any BatchNorm2d sees (returned list, and the hook handles)."""
+    if eps is not None:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eps = eps
+    smallest: list[float] = []
+
+    def record(module, args, output):
+        if module.training and args[0].dim() == 4:
+            smallest.append(args[0].detach().var(dim=(0, 2, 3)).min().item())
+
+    return smallest, [m.register_forward_hook(record) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def set_levels(layers, start: int, target: int, epoch: int, epochs: int) -> None:
+    """L for this epoch: geometric from ``start`` in the first epoch to ``target`` in the last."""
+    fraction = epoch / max(epochs - 1, 1)
+    for m in layers:
+        m.levels = max(target, round(start * (target / start) ** fraction))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="regnetx_002")
@@ -59,6 +82,8 @@ def main() -> None:
     ap.add_argument("--percentile", type=float, default=99.9, help="λ from this percentile of each layer's inputs")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--bn-eps", type=float, help="set every BatchNorm's eps (the default is 1e-5)")
+    ap.add_argument("--levels-start", type=int, help="train at this L in the first epoch and lower it geometrically "
+                                                    "to the model's L (4) in the last")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -66,14 +91,7 @@ def main() -> None:
     extra = {"activations": []} if args.variant == "relu" else {}
     model = qs.create_model(args.model, num_classes=10, in_chans=1, **extra)
     lambdas = [m.threshold for m in model.modules() if isinstance(m, qs.QCFS)]
-    if args.bn_eps is not None:
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eps = args.bn_eps
-    smallest_var = []  # per step: the smallest per-channel batch variance any BatchNorm saw
-    hooks = [m.register_forward_hook(lambda mod, a, out: smallest_var.append(a[0].detach().var(dim=(0, 2, 3)).min().item())
-                                     if mod.training and a[0].dim() == 4 else None)
-             for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    smallest_var, hooks = watch_batchnorms(model, args.bn_eps)
     if lambdas:
         images, _ = sample_batch(data.calibration, 256, args.seed)
         calibrate_from_data(model, images.split(32), percentile=args.percentile, update_bn=True)
@@ -99,9 +117,13 @@ def main() -> None:
         model.train()
         return 100 * correct / seen
 
+    layers = [m for m in model.modules() if isinstance(m, qs.QCFS)]
+    target = layers[0].levels if layers else None
     for epoch in range(args.epochs):
         losses, largest, below = [], 0.0, 0
         smallest_var.clear()
+        if args.levels_start and layers:
+            set_levels(layers, args.levels_start, target, epoch, args.epochs)
         for x, y in loader:
             warmup = min(1.0, (step + 1) / len(loader))  # one warm-up epoch, then cosine
             cosine = 0.5 * (1 + math.cos(math.pi * step / total_steps))
@@ -123,7 +145,7 @@ def main() -> None:
                           "percentile": args.percentile, "epoch": epoch + 1, "loss": round(sum(losses) / len(losses), 3),
                           "val": round(validation_accuracy(), 2), "lambda_min": min(values, default=None),
                           "lambda_max": max(values, default=None), "max_lambda_grad": round(largest, 2),
-                          "lambda_below": below, "bn_eps": args.bn_eps,
+                          "lambda_below": below, "bn_eps": args.bn_eps, "levels": layers[0].levels if layers else None,
                           "min_bn_batch_var": float(f"{min(smallest_var, default=float('nan')):.3g}")}), flush=True)
     for hook in hooks:
         hook.remove()
