@@ -146,7 +146,7 @@ def main() -> None:
                           "val": round(validation_accuracy(), 2), "lambda_min": min(values, default=None),
                           "lambda_max": max(values, default=None), "max_lambda_grad": round(largest, 2),
                           "lambda_below": below, "bn_eps": args.bn_eps, "levels": layers[0].levels if layers else None,
-                          "min_bn_batch_var": float(f"{min(smallest_var, default=float('nan')):.3g}")}), flush=True)
+                          "min_bn_batch_var": float(f"{min((v for v in smallest_var if v == v), default=float('nan')):.3g}")}), flush=True)
     for hook in hooks:
         hook.remove()
 
