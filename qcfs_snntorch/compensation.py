@@ -335,7 +335,8 @@ class CompensatedProduct(CompensatedOp):
             return super().forward(*args, **kwargs)
         big, small = pair
         a, b = args[big], args[small]
-        self.check_folded(a), self.check_folded(b)
+        self.check_folded(a)
+        self.check_folded(b)
         numbers = self.step_numbers(a)
         steps = numbers.numel()
         if small not in self.mean_signals:
