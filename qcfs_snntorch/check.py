@@ -58,6 +58,7 @@ from .tracing import (
     forward_function,
     has_own_forward,
     is_hashable,
+    node_owner,
     resolve_name,
     trace_own_forward,
 )
@@ -301,17 +302,6 @@ class GraphSort:
     constant_activations: set[str] = field(default_factory=set)  # QCFS on parameters only (a relative-position MLP)
 
 
-def _owner(node: torch.fx.Node) -> str:
-    """The module path a node belongs to (a call_module's own path; else the innermost module on the stack)."""
-    if node.op == "call_module":
-        return node.target
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = list(stack.values())[-1]
-    return path[0] if isinstance(path, tuple) else str(path)
-
-
 def _leaf_kind(module: nn.Module) -> tuple[str, str, str] | None:
     """A leaf of the whole-network trace: its class rule, or (a timm no-trace module) the first
     non-linear op of its own forward, which then makes the whole module one compensated op."""
@@ -357,9 +347,9 @@ def sort_graph(model: nn.Module) -> GraphSort:
         if not found:
             linear += node in dynamic  # shape arithmetic is not counted
         elif node in after:
-            compensated.append((node, found[1], _owner(node), found[2]))
+            compensated.append((node, found[1], node_owner(node), found[2]))
         else:
-            before.append((_owner(node), found[2]))
+            before.append((node_owner(node), found[2]))
     shared = {target: nodes for target, nodes in calls.items() if len(nodes) > 1}
     return GraphSort(graph, dynamic, compensated, shared, before, linear, constant - set(calls))
 

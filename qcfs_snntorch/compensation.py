@@ -251,10 +251,14 @@ class StepDifference(RunningState):
 def running_mean(x: torch.Tensor, numbers: torch.Tensor, previous_sum: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The running means of a folded signal ``[T·B, …]`` at steps ``numbers``, and the running sum after the last."""
     steps = numbers.numel()
-    total = x.reshape(steps, x.shape[0] // steps, *x.shape[1:]).cumsum(0)
-    if previous_sum is not None:
-        total = total + previous_sum
+    total = running_sums(x.reshape(steps, x.shape[0] // steps, *x.shape[1:]), previous_sum)
     return (total / _column(numbers, x)).reshape(x.shape), total[-1].clone()
+
+
+def running_sums(seq: torch.Tensor, previous_sum: torch.Tensor | None) -> torch.Tensor:
+    """``[T, B, …]`` → the running sums over dim 0, continuing from ``previous_sum`` (the last call's)."""
+    total = seq.cumsum(0)
+    return total if previous_sum is None else total + previous_sum
 
 
 def step_differences(value, numbers: torch.Tensor, previous):
@@ -344,7 +348,7 @@ class CompensatedProduct(CompensatedOp):
         seq = a.reshape(steps, a.shape[0] // steps, *a.shape[1:])
         means = b.reshape(steps, b.shape[0] // steps, *b.shape[1:])
         previous_sum, previous_mean = self.sums.get(big), self.last_mean
-        sums = seq.cumsum(0) if previous_sum is None else seq.cumsum(0) + previous_sum
+        sums = running_sums(seq, previous_sum)
         out = _shifted_product(seq, means, sums, previous_sum, previous_mean)
         self.sums[big], self.last_mean = sums[-1].clone(), means[-1]
         self.count += steps

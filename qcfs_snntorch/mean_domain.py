@@ -31,6 +31,7 @@ from torch import nn
 from .compensation import CompensatedOp, StepDifference
 from .neurons import MultiStepNeuron
 from .qcfs import QCFS
+from .tracing import node_owner
 
 __all__ = ["run_chains_on_means"]
 
@@ -126,8 +127,4 @@ def _arg(node: torch.fx.Node, key: int | str):
 
 
 def _where(node: torch.fx.Node, ops: dict[torch.fx.Node, CompensatedOp]) -> str:
-    if node in ops:
-        return ops[node].where
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1] if stack else ""
-    return path[0] if isinstance(path, tuple) else str(path)
+    return ops[node].where if node in ops else node_owner(node)

@@ -34,6 +34,7 @@ __all__ = [
     "forward_hooks",
     "has_own_forward",
     "is_hashable",
+    "node_owner",
     "qcfs_layers",
     "resolve_name",
     "spiking_neurons",
@@ -151,6 +152,17 @@ def optional_defaults(module: nn.Module) -> dict:
         and p.default is not inspect.Parameter.empty
         and not isinstance(p.default, torch.Tensor)
     }
+
+
+def node_owner(node: torch.fx.Node) -> str:
+    """The module path a node belongs to (a call_module's own path; else the innermost module on the stack)."""
+    if node.op == "call_module":
+        return node.target
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1]
+    return path[0] if isinstance(path, tuple) else str(path)
 
 
 def trace_own_forward(module: nn.Module) -> torch.fx.Graph:
