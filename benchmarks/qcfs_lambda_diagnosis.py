@@ -8,7 +8,7 @@ validation accuracy, the λ range and the largest |∂loss/∂λ| of the epoch.
 
 Variants: ``learned`` (as the library trains it), ``frozen`` (λ stays at its value from data),
 ``lsq`` (λ's gradient scaled by 1/sqrt(elements per sample × L), the step-size gradient scale of
-LSQ, Esser et al. 2020; ``--levels-start`` trains at a larger L first), ``projected`` (learned, and every λ below the floor set back to it after
+LSQ, Esser et al. 2020, now the library's ``train.threshold_gradient=lsq``; ``--levels-start`` trains at a larger L first), ``projected`` (learned, and every λ below the floor set back to it after
 each step, as :func:`qcfs_snntorch.training.tasks.project_thresholds` does in the library's loop
 since this diagnosis), ``relu`` (the ReLU twin: no QCFS). ``lambda_below`` counts the steps that
 left some λ below the floor.
@@ -31,22 +31,6 @@ from qcfs_snntorch.config import DataConfig
 from qcfs_snntorch.data import build_datasets, sample_batch
 from qcfs_snntorch.qcfs import MIN_THRESHOLD
 from qcfs_snntorch.training.tasks import project_thresholds
-
-
-def scale_lambda_gradients(model, images) -> None:
-    """LSQ's gradient scale on every λ, from the elements per sample of each QCFS output."""
-    sizes = {}
-    layers = [m for m in model.modules() if isinstance(m, qs.QCFS)]
-    hooks = [m.register_forward_hook(lambda mod, a, out, m=m: sizes.__setitem__(m, out[0].numel())) for m in layers]
-    with torch.no_grad():
-        model.eval()
-        model(images[:2])
-        model.train()
-    for hook in hooks:
-        hook.remove()
-    for m in layers:
-        scale = 1.0 / math.sqrt(sizes[m] * m.levels)
-        m.threshold.register_hook(lambda g, scale=scale: g * scale)
 
 
 def watch_batchnorms(model, eps: float | None) -> tuple[list[float], list]:
@@ -96,7 +80,7 @@ def main() -> None:
         images, _ = sample_batch(data.calibration, 256, args.seed)
         calibrate_from_data(model, images.split(32), percentile=args.percentile, update_bn=True)
         if args.variant == "lsq":
-            scale_lambda_gradients(model, images)
+            qs.set_threshold_gradient(model, "lsq")  # what train.threshold_gradient=lsq does
     is_lambda = {id(p) for p in lambdas}
     others = [p for p in model.parameters() if id(p) not in is_lambda]
     groups = [{"params": [p for p in others if p.ndim > 1], "weight_decay": 5e-4},

@@ -9,12 +9,13 @@ from .convert import convert, fold_batchnorm
 from .export import ExportError, export_nir
 from .models import ModelError, UnknownModelError, create_model
 from .neurons import GradedIFNeuron, IFNeuron, MultiStepNeuron, SignedIFNeuron
-from .qcfs import QCFS, qcfs
+from .qcfs import QCFS, qcfs, set_threshold_gradient
 from .spiking import SpikingModel
 
 __all__ = [
     "QCFS",
     "qcfs",
+    "set_threshold_gradient",
     "create_model",
     "ModelError",
     "UnknownModelError",

@@ -100,6 +100,7 @@ class OptimConfig:
 class TrainConfig(OptimConfig):
     levels_choices: list[int] = setting([], "draw every QCFS's L per batch from these (holds at every L)")
     relu_epochs: int = setting(0, "first N epochs as a ReLU network, then QCFS with λ measured from it (< epochs)")
+    threshold_gradient: str = setting("plain", "plain: λ's exact gradient | lsq: scaled by 1/√(elements per sample × L) (deep nets, grouped convs)")
 
 @dataclass
 class SNNConfig:
@@ -329,6 +330,7 @@ RULES: dict[str, callable] = {
     **{f"train.{k}": rule for k, rule in _OPTIM.items()},
     "train.levels_choices": _each(_POSITIVE),
     "train.relu_epochs": _COUNT,
+    "train.threshold_gradient": _choice(("plain", "lsq")),
     "snn.timesteps": _each(_POSITIVE, nonempty=True, example=", e.g. [1,2,4,8]"),
     "snn.chunk_size": _optional(_POSITIVE), "snn.fold_bn": _anything, "snn.strict": _anything,
     "snn.calibrate": _each(_choice(CALIBRATION_METHODS)), "snn.calibrate_timesteps": _each(_POSITIVE),

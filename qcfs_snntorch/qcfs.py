@@ -7,10 +7,16 @@ conversion error zero.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-__all__ = ["MIN_THRESHOLD", "QCFS", "qcfs"]
+__all__ = ["MIN_THRESHOLD", "QCFS", "THRESHOLD_GRADIENTS", "lsq_gradient_scale", "qcfs", "set_threshold_gradient"]
+
+# How λ's gradient is scaled: "plain" (the exact straight-through gradient, as the QCFS paper trains) or
+# "lsq" (÷ √(elements per sample sharing that λ × L), LSQ's step-size gradient scale, Esser et al. 2020).
+THRESHOLD_GRADIENTS = ("plain", "lsq")
 
 
 class _QCFSFunction(torch.autograd.Function):
@@ -24,9 +30,9 @@ class _QCFSFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, threshold, levels: int, shift: float):
+    def forward(ctx, z, threshold, levels: int, shift: float, threshold_grad_scale: float):
         ctx.save_for_backward(z, threshold)
-        ctx.levels, ctx.shift = levels, shift
+        ctx.levels, ctx.shift, ctx.threshold_grad_scale = levels, shift, threshold_grad_scale
         return _levels_of(z, threshold, levels, shift).mul_(threshold / levels)
 
     @staticmethod
@@ -44,7 +50,9 @@ class _QCFSFunction(torch.autograd.Function):
                 grad_t = grad_t.reshape(threshold.shape)
             else:
                 grad_t = (grad_out * q - grad_z * z / threshold).sum_to_size(threshold.shape)
-        return (grad_z if ctx.needs_input_grad[0] else None), grad_t, None, None
+            if ctx.threshold_grad_scale != 1.0:
+                grad_t = grad_t * ctx.threshold_grad_scale
+        return (grad_z if ctx.needs_input_grad[0] else None), grad_t, None, None, None
 
 
 def _levels_of(z: torch.Tensor, threshold: torch.Tensor, levels: int, shift: float) -> torch.Tensor:
@@ -59,17 +67,39 @@ def _levels_of(z: torch.Tensor, threshold: torch.Tensor, levels: int, shift: flo
 MIN_THRESHOLD = 1e-4
 
 
-def qcfs(z: torch.Tensor, threshold: torch.Tensor, levels: int, shift: float = 0.5) -> torch.Tensor:
+def qcfs(z: torch.Tensor, threshold: torch.Tensor, levels: int, shift: float = 0.5,
+         threshold_grad_scale: float = 1.0) -> torch.Tensor:
     """Functional QCFS; ``threshold`` is λ (a tensor broadcastable to ``z``), used clamped to
     :data:`MIN_THRESHOLD` with a straight-through gradient, so a λ pushed below it (by weight
-    decay, say) computes as that minimum and can still be pulled back."""
+    decay, say) computes as that minimum and can still be pulled back. λ's gradient is
+    multiplied by ``threshold_grad_scale`` (the forward pass and z's gradient do not change)."""
     # Straight-through and exact: λ − λ is 0 (gradient 1); adding a correction (clamp(λ) − λ) to λ would
     # round to 0 for a large negative λ (−1e4: 1e4 + 1e-4 is 1e4 in fp32) and divide by zero.
     threshold = (threshold - threshold.detach()) + threshold.detach().clamp_min(MIN_THRESHOLD)
     if threshold.dtype != z.dtype:
         # Under autocast z may be bf16/fp16 while λ stays fp32: compute in z's dtype.
         threshold = threshold.to(z.dtype)
-    return _QCFSFunction.apply(z, threshold, int(levels), float(shift))
+    return _QCFSFunction.apply(z, threshold, int(levels), float(shift), float(threshold_grad_scale))
+
+
+def lsq_gradient_scale(z: torch.Tensor, threshold: torch.Tensor, levels: int) -> float:
+    """1/√(n·L), n the elements of one sample of ``z`` that share each element of λ (dim 0 is the batch).
+
+    λ's exact gradient sums over every element it clips, so it grows with the layer's size while
+    the weights' gradients do not; in a deep network with grouped convolutions that sum once
+    carried λ from ~5 to −960 in one SGD step and silenced whole groups (docs/RESULTS.md). LSQ
+    (Esser et al., ICLR 2020) divides its step size's gradient by this to keep the two in proportion."""
+    per_sample = z.numel() // z.shape[0] if z.dim() > 1 and z.shape[0] else z.numel()
+    return 1.0 / math.sqrt(max(per_sample // max(threshold.numel(), 1), 1) * levels)
+
+
+def set_threshold_gradient(model: nn.Module, rule: str) -> int:
+    """Set how every :class:`QCFS` in ``model`` scales λ's gradient (one of :data:`THRESHOLD_GRADIENTS`);
+    returns how many layers were set."""
+    layers = [m for m in model.modules() if isinstance(m, QCFS)]
+    for layer in layers:
+        layer.threshold_gradient = rule
+    return len(layers)
 
 
 class QCFS(nn.Module):
@@ -85,9 +115,14 @@ class QCFS(nn.Module):
             converted neuron starts at v(0) = φ·θ, so any φ converts to the same function.
         inplace: accepted so timm can build the class as an ``act_layer``; ignored,
             because the straight-through backward needs the input.
+        threshold_gradient: ``"plain"`` (λ's exact straight-through gradient) or ``"lsq"``
+            (scaled by :func:`lsq_gradient_scale`, which trains deep networks with grouped
+            convolutions that the plain gradient kills; docs/RESULTS.md). Not part of the
+            state dict: it shapes training only.
     """
 
-    def __init__(self, levels: int = 4, threshold: float = 8.0, shift: float = 0.5, inplace: bool = False):
+    def __init__(self, levels: int = 4, threshold: float = 8.0, shift: float = 0.5, inplace: bool = False,
+                 threshold_gradient: str = "plain"):
         super().__init__()
         if not threshold > 0:
             raise ValueError(f"QCFS threshold λ must be > 0, got {threshold!r}")
@@ -96,6 +131,7 @@ class QCFS(nn.Module):
         self.levels = levels
         self.shift = float(shift)
         self.threshold = nn.Parameter(torch.tensor(float(threshold)))
+        self.threshold_gradient = threshold_gradient
 
     @property
     def levels(self) -> int:
@@ -107,8 +143,22 @@ class QCFS(nn.Module):
             raise ValueError(f"QCFS levels must be a positive integer, got {value!r}")
         self._levels = value
 
+    @property
+    def threshold_gradient(self) -> str:
+        return self._threshold_gradient
+
+    @threshold_gradient.setter
+    def threshold_gradient(self, value: str) -> None:
+        if value not in THRESHOLD_GRADIENTS:
+            raise ValueError(f"QCFS threshold_gradient must be one of {list(THRESHOLD_GRADIENTS)}, got {value!r}")
+        self._threshold_gradient = value
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return qcfs(z, self.threshold, self._levels, self.shift)
+        scale = 1.0
+        if self._threshold_gradient == "lsq" and self.threshold.requires_grad and torch.is_grad_enabled():
+            scale = lsq_gradient_scale(z, self.threshold, self._levels)
+        return qcfs(z, self.threshold, self._levels, self.shift, scale)
 
     def extra_repr(self) -> str:
-        return f"levels={self._levels}, threshold={self.threshold.item():.4g}, shift={self.shift}"
+        rule = "" if self._threshold_gradient == "plain" else f", threshold_gradient={self._threshold_gradient}"
+        return f"levels={self._levels}, threshold={self.threshold.item():.4g}, shift={self.shift}{rule}"

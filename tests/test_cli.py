@@ -214,3 +214,40 @@ def test_data_loader_workers_outlive_a_group_signal():
     for _ in range(5):
         next(batches)
     del batches
+
+
+def test_threshold_gradient_lsq_reaches_training(tmp_path):
+    """`train.threshold_gradient=lsq` scales each λ's first SGD step by 1/√(n·L) of its layer, as measured
+    on the same network; every other weight takes the same step."""
+    import torch
+    from safetensors.torch import load_file
+
+    import qcfs_snntorch as qs
+    from qcfs_snntorch.qcfs import lsq_gradient_scale
+
+    one_step = ["stages=[train]", "train.epochs=1", "train.max_steps_per_epoch=1", "train.lr=0.5",
+                "train.weight_decay=0", "train.scheduler=none", "train.warmup_epochs=0", "model.threshold_init=fixed",
+                "model.threshold=2.0"]
+    weights = {}
+    for rule in ("plain", "lsq"):
+        result = launch(*one_step, f"train.threshold_gradient={rule}", f"run_dir={tmp_path / rule}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        weights[rule] = load_file(tmp_path / rule / "ann.safetensors")
+    model = qs.create_model("test_resnet", num_classes=10, in_chans=1)
+    scales = {}
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: scales.__setitem__(
+        f"{name}.threshold", lsq_gradient_scale(args[0], m.threshold, m.levels)))
+        for name, m in model.named_modules() if isinstance(m, qs.QCFS)]
+    model.eval()
+    model(torch.zeros(2, 1, 8, 8))
+    for hook in hooks:
+        hook.remove()
+    assert len(scales) > 1 and len({round(s, 9) for s in scales.values()}) > 1  # layers of different sizes
+    for key, plain in weights["plain"].items():
+        if key in scales:
+            step_plain, step_lsq = plain - 2.0, weights["lsq"][key] - 2.0
+            assert step_plain.abs() > 2e-3
+            # λ is 2 ± a small step in float32: a few units in the last place of 2 (2.4e-7) of rounding
+            torch.testing.assert_close(step_lsq, step_plain * scales[key], rtol=1e-3, atol=1e-6)
+        elif "running" not in key and "num_batches" not in key:
+            torch.testing.assert_close(weights["lsq"][key], plain, rtol=1e-5, atol=1e-6)

@@ -95,7 +95,7 @@ INVALID = {
     "data.name": "mnist", "data.image_size": "4", "data.batch_size": "0", "data.eval_batch_size": "0",
     "data.num_workers": "-1", "data.download": None, "data.autoaugment": None, "data.cutout": "-1",
     "data.val_split": "1.0", "data.split_seed": "-1", "data.train_subset": "0", "data.eval_subset": "0", "data.in_memory": None,
-    "train.levels_choices": "[0]", "train.relu_epochs": "-1",
+    "train.levels_choices": "[0]", "train.relu_epochs": "-1", "train.threshold_gradient": "adam",
     "snn.timesteps": "[0]", "snn.chunk_size": "0", "snn.fold_bn": None, "snn.strict": None, "snn.calibrate": "[pixel]",
     "snn.calibrate_timesteps": "[0]", "snn.calibrate_samples": "0", "snn.stats_timesteps": "0", "snn.stats_samples": "0",
     "snn.nir_portable": None,

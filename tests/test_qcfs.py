@@ -160,3 +160,58 @@ def test_training_projects_thresholds_back_to_the_minimum_after_each_update(tmp_
         assert act.threshold.item() == pytest.approx(MIN_THRESHOLD)
     else:
         assert act.threshold.item() < -100  # what the projection prevents
+
+
+# λ's gradient rule (train.threshold_gradient): "lsq" scales λ's gradient and nothing else.
+
+@pytest.mark.parametrize("shape, lam_shape", [((6, 3, 5, 7), ()), ((6, 3, 5, 7), (3, 1, 1)), ((6, 11), ()), ((9,), ())])
+@pytest.mark.parametrize("levels", [1, 4, 8])
+def test_lsq_rule_scales_lambda_gradient_by_elements_per_sample_and_levels(shape, lam_shape, levels):
+    """Same forward and input gradient bit for bit; λ's gradient × 1/√(n·L), n = elements of one sample per λ."""
+    torch.manual_seed(1)
+    z = torch.randn(shape, dtype=torch.float64) * 2
+    upstream = torch.randn(shape, dtype=torch.float64)
+    results = {}
+    for rule in ("plain", "lsq"):
+        act = QCFS(levels=levels, threshold=1.5, threshold_gradient=rule).double()
+        if lam_shape:
+            act.threshold = torch.nn.Parameter(torch.full(lam_shape, 1.5, dtype=torch.float64))
+        x = z.clone().requires_grad_()
+        out = act(x)
+        (out * upstream).sum().backward()
+        results[rule] = out.detach(), x.grad, act.threshold.grad
+    assert torch.equal(results["plain"][0], results["lsq"][0])
+    assert torch.equal(results["plain"][1], results["lsq"][1])
+    lam_elements = max(1, torch.Size(lam_shape).numel())
+    per_sample = torch.Size(shape[1:]).numel() if len(shape) > 1 else shape[0]
+    expected = results["plain"][2] / (per_sample / lam_elements * levels) ** 0.5
+    torch.testing.assert_close(results["lsq"][2], expected, rtol=1e-12, atol=0)
+
+
+def test_lsq_rule_follows_levels_set_per_batch():
+    """L drawn per batch (train.levels_choices) changes the scale with it."""
+    z = torch.randn(4, 2, 3, 3)
+    grads = {}
+    for levels in (2, 8):
+        act = QCFS(levels=levels, threshold=1.0, threshold_gradient="lsq")
+        plain = QCFS(levels=levels, threshold=1.0)
+        act(z).sum().backward()
+        plain(z).sum().backward()
+        grads[levels] = act.threshold.grad / plain.threshold.grad
+    torch.testing.assert_close(grads[2], torch.tensor(1 / (18 * 2) ** 0.5))
+    torch.testing.assert_close(grads[8], torch.tensor(1 / (18 * 8) ** 0.5))
+
+
+def test_threshold_gradient_rule_is_checked_and_set_on_every_layer():
+    from qcfs_snntorch import create_model, set_threshold_gradient
+
+    with pytest.raises(ValueError, match=r"threshold_gradient must be one of \['plain', 'lsq'\], got 'adam'"):
+        QCFS(threshold_gradient="adam")
+    model = create_model("test_resnet", num_classes=10)
+    layers = [m for m in model.modules() if isinstance(m, QCFS)]
+    assert set_threshold_gradient(model, "lsq") == len(layers) > 1
+    assert all(m.threshold_gradient == "lsq" for m in layers) and "threshold_gradient=lsq" in repr(layers[0])
+    state = model.state_dict()
+    assert not any("gradient" in key for key in state)  # a training rule, not a weight: checkpoints do not change
+    with pytest.raises(ValueError, match="threshold_gradient"):
+        set_threshold_gradient(model, "LSQ")

@@ -26,6 +26,7 @@ from ..calibration import calibrate_potentials
 from ..compensation import compensated_ops
 from ..convert import convert, preferred_memory_format, to_memory_format
 from ..export import export_nir
+from ..qcfs import set_threshold_gradient
 from ..spiking import SpikingModel
 from ..stats import conversion_error, spike_stats
 from ..tracing import qcfs_layers
@@ -92,6 +93,7 @@ class Train(Stage):
     def run(self, ctx: RunContext) -> dict:
         cfg = ctx.cfg
         initial_thresholds(ctx)  # a checkpoint training continues from brings its own λ back
+        set_threshold_gradient(ctx.ann, cfg.train.threshold_gradient)
         if ctx.accelerator.device.type == "cuda":  # cuDNN's fastest layout; a CPU trained no faster in it (docs/BENCHMARKS.md)
             to_memory_format(ctx.ann, preferred_memory_format(ctx.ann))
         history = fit(
