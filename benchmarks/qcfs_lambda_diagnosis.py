@@ -33,6 +33,38 @@ from qcfs_snntorch.qcfs import MIN_THRESHOLD
 from qcfs_snntorch.training.tasks import project_thresholds
 
 
+def per_channel_thresholds(model, images, percentile: float) -> int:
+    """λ per channel (shape [C, 1, 1]) for every QCFS that sees 4-D inputs: the percentile of each channel's
+    positive inputs, measured with every QCFS acting as a ReLU; returns how many layers got one."""
+    layers = [m for m in model.modules() if isinstance(m, qs.QCFS)]
+    seen: dict = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.setdefault(mod, []).append(args[0].detach())) for m in layers]
+    trained = [(m.levels, m.threshold.detach().clone()) for m in layers]
+    for m in layers:  # ~ReLU: a clip far above any input, levels too fine to matter
+        m.levels = 1 << 20
+        m.threshold.data.fill_(1e6)
+    model.eval()
+    with torch.no_grad():
+        for chunk in images.split(32):
+            model(chunk)
+    model.train()
+    for hook in hooks:
+        hook.remove()
+    changed = 0
+    for m, (levels, threshold) in zip(layers, trained):
+        m.levels = levels
+        m.threshold.data.copy_(threshold)
+        z = torch.cat(seen[m])
+        if z.dim() != 4:
+            continue
+        rows = z.transpose(0, 1).reshape(z.shape[1], -1)
+        per_channel = [torch.quantile(r[r > 0][: 1 << 24], percentile / 100) if (r > 0).sum() >= 16 else threshold
+                       for r in rows]
+        m.threshold = torch.nn.Parameter(torch.stack(per_channel).clamp_min(1e-3).reshape(-1, 1, 1))
+        changed += 1
+    return changed
+
+
 def watch_batchnorms(model, eps: float | None) -> tuple[list[float], list]:
     """Set every BatchNorm's eps (if given); hooks that record, per training step, the smallest per-channel
     batch variance any BatchNorm2d sees (returned list, and the hook handles)."""
@@ -66,6 +98,7 @@ def main() -> None:
     ap.add_argument("--percentile", type=float, default=99.9, help="λ from this percentile of each layer's inputs")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--bn-eps", type=float, help="set every BatchNorm's eps (the default is 1e-5)")
+    ap.add_argument("--per-channel", action="store_true", help="λ per channel of every 4-D activation, from data")
     ap.add_argument("--levels-start", type=int, help="train at this L in the first epoch and lower it geometrically "
                                                     "to the model's L (4) in the last")
     args = ap.parse_args()
@@ -74,13 +107,15 @@ def main() -> None:
     data = build_datasets(DataConfig(name="digits", image_size=args.image_size, batch_size=32), seed=0)
     extra = {"activations": []} if args.variant == "relu" else {}
     model = qs.create_model(args.model, num_classes=10, in_chans=1, **extra)
-    lambdas = [m.threshold for m in model.modules() if isinstance(m, qs.QCFS)]
     smallest_var, hooks = watch_batchnorms(model, args.bn_eps)
-    if lambdas:
+    if any(isinstance(m, qs.QCFS) for m in model.modules()):
         images, _ = sample_batch(data.calibration, 256, args.seed)
         calibrate_from_data(model, images.split(32), percentile=args.percentile, update_bn=True)
+        if args.per_channel:
+            per_channel_thresholds(model, images, args.percentile)
         if args.variant == "lsq":
             qs.set_threshold_gradient(model, "lsq")  # what train.threshold_gradient=lsq does
+    lambdas = [m.threshold for m in model.modules() if isinstance(m, qs.QCFS)]
     is_lambda = {id(p) for p in lambdas}
     others = [p for p in model.parameters() if id(p) not in is_lambda]
     groups = [{"params": [p for p in others if p.ndim > 1], "weight_decay": 5e-4},
@@ -117,16 +152,16 @@ def main() -> None:
             optimizer.zero_grad()
             loss.backward()
             if lambdas:
-                largest = max(largest, max(abs(p.grad.item()) for p in lambdas))
+                largest = max(largest, max(p.grad.abs().max().item() for p in lambdas))
             optimizer.step()
-            below += any(p.item() < MIN_THRESHOLD for p in lambdas)
+            below += any((p < MIN_THRESHOLD).any().item() for p in lambdas)
             if args.variant == "projected":
                 project_thresholds(model)
             step += 1
             losses.append(loss.item())
-        values = [round(p.item(), 2) for p in lambdas]
+        values = [round(v, 2) for p in lambdas for v in (p.min().item(), p.max().item())]
         print(json.dumps({"model": args.model, "variant": args.variant, "seed": args.seed, "lr": args.lr,
-                          "percentile": args.percentile, "epoch": epoch + 1, "loss": round(sum(losses) / len(losses), 3),
+                          "percentile": args.percentile, "per_channel": args.per_channel, "epoch": epoch + 1, "loss": round(sum(losses) / len(losses), 3),
                           "val": round(validation_accuracy(), 2), "lambda_min": min(values, default=None),
                           "lambda_max": max(values, default=None), "max_lambda_grad": round(largest, 2),
                           "lambda_below": below, "bn_eps": args.bn_eps, "levels": layers[0].levels if layers else None,
