@@ -126,7 +126,10 @@ def test_progressive_finetuning_runs_each_T_in_order(tmp_path):
 
 @pytest.mark.slow
 def test_start_from_a_trained_relu_network(tmp_path):
-    """ReLU weights → λ from activation statistics → short QCFS training."""
+    """ReLU weights → λ from activation statistics → short QCFS training.
+
+    Three QCFS epochs, not two: after two the network was 4.4–5.6 points below its ReLU start depending on
+    the thread count and package versions (a margin too thin to test), after three about 1.4 below."""
     relu = tmp_path / "relu"
     result = launch("model.activations=[]", "stages=[train]", "train.epochs=6", f"run_dir={relu}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -138,7 +141,7 @@ def test_start_from_a_trained_relu_network(tmp_path):
     assert strict.returncode == 2 and "missing" in strict.stderr  # λ absent: only allowed with threshold_init=data
 
     qcfs = tmp_path / "qcfs"
-    result = launch(f"model.checkpoint={relu / 'ann.safetensors'}", "model.threshold_init=data", "train.epochs=2",
+    result = launch(f"model.checkpoint={relu / 'ann.safetensors'}", "model.threshold_init=data", "train.epochs=3",
                     "train.lr=0.01", "stages=[train,convert,eval]", "snn.timesteps=[8]", f"run_dir={qcfs}")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((qcfs / "report.json").read_text())
