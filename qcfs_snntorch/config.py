@@ -100,7 +100,7 @@ class OptimConfig:
 class TrainConfig(OptimConfig):
     levels_choices: list[int] = setting([], "draw every QCFS's L per batch from these (holds at every L)")
     relu_epochs: int = setting(0, "first N epochs as a ReLU network, then QCFS with λ measured from it (< epochs)")
-    threshold_gradient: str = setting("plain", "plain: λ's exact gradient | lsq: scaled by 1/√(elements per sample × L) (deep nets, grouped convs)")
+    threshold_gradient: str = setting("plain", "plain: λ's exact gradient | lsq: scaled by 1/√(elements per sample × L) (grouped/depthwise convs, with model.threshold_percentile=99)")
 
 @dataclass
 class SNNConfig:
