@@ -63,7 +63,7 @@ from .tracing import (
     trace_own_forward,
 )
 
-__all__ = ["COMPENSATION", "CheckReport", "ConversionError", "GraphSort", "Problem", "check", "module_kind", "node_kind", "sort_graph"]
+__all__ = ["COMPENSATION", "PROBE_BATCH", "CheckReport", "ConversionError", "GraphSort", "Problem", "check", "folded_batch_problems", "module_kind", "node_kind", "sort_graph"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,8 @@ REASONS = {
     "set λ from data (model.threshold_init=data)",
     "shared": "one activation module used at several places (or in a loop): converted, they would share one "
     "membrane; each call needs its own module (create_model does this where the calls are distinct in the source)",
+    "batch": "time is folded into the batch dimension, and this op runs over time steps (a neuron or a compensated op): "
+    "its input must keep the batch in dim 0, and here the network moved it (or mixed the samples of a batch)",
     "untraceable": "compensated operations need the whole network to trace with torch.fx (data-dependent control "
     "flow does not); without them it would be a network of IF neurons only",
 }
@@ -433,7 +435,58 @@ NO_SPIKING_PATH = ("every QCFS activation acts on parameters alone (e.g. a relat
                    "would see the input; replace the network's other activations too: model.activations=[relu, gelu, silu]")
 
 
-def check(model_or_name, *, strict: bool = False, **create_kwargs) -> CheckReport:
+PROBE_BATCH = 5  # the probe's batch size: odd and unlike the 2, 3 or 4 that a reshape puts in front (qkv, heads)
+
+
+class _LeadingDims(torch.fx.Interpreter):
+    """Runs the whole-network graph once and keeps the leading dimension of every tensor a node makes."""
+
+    def __init__(self, model: nn.Module, graph: torch.fx.Graph):
+        super().__init__(model, graph=graph)
+        self.leading: dict[torch.fx.Node, tuple[int, ...]] = {}
+
+    def run_node(self, node: torch.fx.Node):
+        result = super().run_node(node)
+        if isinstance(result, torch.Tensor):
+            self.leading[node] = tuple(result.shape)
+        return result
+
+
+def folded_batch_problems(model: nn.Module, sort: GraphSort, example: torch.Tensor) -> list[Problem]:
+    """Ops that run over time steps whose signal input does not have the batch in dim 0.
+
+    The SNN folds time into the batch dimension; a neuron or a compensated op unfolds it from
+    dim 0. A network that moves the batch elsewhere first (attention over a transposed 2-D
+    tensor, a sequence-first ``nn.MultiheadAttention``) would fail there at run time, or worse,
+    read another dimension as time. One eval-mode forward of ``PROBE_BATCH`` copies of
+    ``example`` (one sample, no batch dimension) finds them before any training.
+    """
+    batch = example.unsqueeze(0).expand(PROBE_BATCH, *example.shape).contiguous()
+    modules = dict(model.named_modules())
+    timed = {node for node, *_ in sort.compensated}
+    timed |= {n for n in sort.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), QCFS)
+              and n in sort.dynamic}
+    probe = _LeadingDims(model, sort.graph)
+    with eval_mode(model):
+        probe.run(batch)
+    problems = []
+    for node in sort.graph.nodes:
+        if node not in timed:
+            continue
+        operands: list[torch.fx.Node] = []
+        torch.fx.node.map_arg((node.args, node.kwargs), operands.append)
+        for position, operand in enumerate(operands, 1):
+            shape = probe.leading.get(operand)
+            if operand in sort.dynamic and shape is not None and (not shape or shape[0] != PROBE_BATCH):
+                op = (type(modules[node.target]).__name__ if node.op == "call_module"
+                      else getattr(node.target, "__name__", str(node.target)))
+                problems.append(Problem(node_owner(node), op, f"operand {position} has shape {list(shape)} for a batch of "
+                                        f"{PROBE_BATCH}: {REASONS['batch']}", "batch"))
+                break
+    return problems
+
+
+def check(model_or_name, *, strict: bool = False, example: torch.Tensor | None = None, **create_kwargs) -> CheckReport:
     """Report how a model (or a timm name, built with :func:`create_model`) converts.
 
     Never raises for an unconvertible model: the report sorts the operations (spiking,
@@ -441,6 +494,10 @@ def check(model_or_name, *, strict: bool = False, **create_kwargs) -> CheckRepor
     the reason. ``strict=True`` refuses every non-linear op that is not QCFS (a network of
     neurons only). :func:`qcfs_snntorch.convert` raises :class:`ConversionError` carrying
     the same report.
+
+    ``example`` (one input sample without a batch dimension, e.g. one image of the data set)
+    adds a forward pass that finds ops whose input lost the batch in dim 0
+    (:func:`folded_batch_problems`); without it the check is static.
     """
     if isinstance(model_or_name, str):
         create_kwargs.setdefault("num_classes", 10)
@@ -473,4 +530,10 @@ def check(model_or_name, *, strict: bool = False, **create_kwargs) -> CheckRepor
     if sort.before:
         ops = ", ".join(f"{w or '<root>'}: {op}" for w, op in sort.before[:5]) + (" …" if len(sort.before) > 5 else "")
         notes.append(f"{len(sort.before)} non-linear op(s) before the first neuron run on the input as in the ANN: {ops}")
+    if example is not None:
+        try:
+            report.problems += folded_batch_problems(model, sort, example)
+        except Exception as exc:  # noqa: BLE001 - the ANN fails on this input: training will say why, in its own words
+            notes.append(f"the forward pass on the example input failed, its batch dimension was not checked "
+                         f"({type(exc).__name__}: {str(exc)[:200]})")
     return report

@@ -324,6 +324,72 @@ def test_untraceable_network_with_nonlinear_ops_refused_with_reason():
     assert check(nn.Sequential(QCFS(), nn.LayerNorm(4))).untraceable is None
 
 
+class TokenAttention(nn.Module):
+    """Single-head attention with scalar q, k, v per token; ``batch_first=False`` writes it on a
+    2-D (batch, tokens) tensor as timm's csatv2 does, so q @ kᵀ is (batch × batch)."""
+
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.act, self.qkv, self.batch_first = QCFS(), nn.Linear(1, 3), batch_first
+
+    def forward(self, x):  # x: (batch, tokens)
+        q, k, v = self.qkv(self.act(x).unsqueeze(-1)).unbind(-1)
+        if self.batch_first:
+            return ((q.unsqueeze(-1) @ k.unsqueeze(-2)).softmax(-1) @ v.unsqueeze(-1)).squeeze(-1)
+        return (q @ k.transpose(-1, -2)).softmax(-1) @ v
+
+
+def test_an_op_whose_input_lost_the_batch_dimension_is_refused_with_an_example():
+    ann, x = TokenAttention(batch_first=False).eval(), torch.rand(3, 7)
+    assert check(ann).convertible  # statically the graph looks like attention
+    with pytest.raises(RuntimeError, match="not a multiple of timesteps"):  # and the SNN fails at run time
+        convert(ann, verify=False).eval()(x, timesteps=2)
+    report = check(ann, example=x[0])
+    assert not report.convertible
+    assert [(p.kind, p.op) for p in report.problems] == [("batch", "matmul")]
+    assert "shape [7, 5] for a batch of 5" in str(report.problems[0]) and "batch in dim 0" in report.summary()
+
+
+def test_batch_first_ops_pass_the_example_probe_and_run():
+    ann, x = TokenAttention(batch_first=True).eval(), torch.rand(3, 7)
+    report = check(ann, example=x[0])
+    assert report.convertible, report.summary()
+    snn = convert(ann, max_spikes=ann.act.levels).eval()  # graded B = L at T = 1: the ANN exactly
+    with torch.no_grad():
+        assert torch.allclose(snn(x, timesteps=1)[0], ann(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_sequence_first_multihead_attention_is_refused(batch_first):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.act, self.attn = QCFS(), nn.MultiheadAttention(4, 1, batch_first=batch_first)
+
+        def forward(self, x):  # x: (batch, tokens, 4)
+            x = self.act(x)
+            x = x if batch_first else x.transpose(0, 1)
+            y = self.attn(x, x, x, need_weights=False)[0]
+            return y if batch_first else y.transpose(0, 1)
+
+    report = check(Block().eval(), example=torch.rand(6, 4))
+    assert report.convertible == batch_first, report.summary()
+    assert batch_first or report.problems[0].path == "attn" and "[6, 5, 4]" in report.problems[0].reason
+
+
+def test_timm_csatv2_is_refused_at_its_attention_before_any_training():
+    ann = create_model("csatv2", num_classes=10, activations=("relu", "gelu", "silu"))
+    report = check(ann, example=torch.rand(3, 64, 64))  # its last stage needs 64 px
+    assert not report.convertible
+    assert {p.kind for p in report.problems} == {"batch"}
+    assert all(p.path.endswith(".attn.attn") and p.op == "matmul" for p in report.problems), report.summary()
+
+
+def test_a_failing_example_forward_is_a_note_not_a_refusal():
+    report = check(nn.Sequential(QCFS(), nn.LayerNorm(4)), example=torch.rand(5))  # LayerNorm(4) on 5 features fails
+    assert report.convertible and any("example input failed" in n for n in report.notes)
+
+
 def test_network_without_compensated_ops_is_left_as_is():
     model = create_model("resnet18", num_classes=10, layers=(1, 1, 1, 1), channels=(8, 8, 8, 8))
     snn = convert(model)

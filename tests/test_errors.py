@@ -353,3 +353,14 @@ def test_a_wrong_kind_of_path_through_launch_is_one_clear_error(tmp_path, kind, 
     assert "Traceback" not in result.stderr
     assert f"error: {key}=" in result.stderr and found in result.stderr
     assert sorted(tmp_path.rglob("*")) == before, "nothing is created before the refusal"
+
+
+def test_a_network_that_moves_the_batch_dimension_is_refused_before_training(tmp_path):
+    root = image_tree(tmp_path / "data", {"train/a": 4, "train/b": 4, "val/a": 2, "val/b": 2})  # RGB: csatv2's stem wants 3 channels
+    out = tmp_path / "runs"
+    result = launch("model.name=csatv2", "model.activations=[relu,gelu,silu]", "data.name=imagefolder", f"data.root={root}",
+                    "data.image_size=64", f"output_dir={out}", timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "csatv2" in result.stderr.lower() and "batch in dim 0" in result.stderr and ".attn.attn: matmul" in result.stderr
+    assert not out.exists() or not any(out.iterdir()), "no run directory may be left behind"

@@ -58,7 +58,8 @@ def preflight(cfg: RunConfig, ann, data: DataSplits):
     stages = set(cfg.stages)
     if not (stages & SPIKING_STAGES or "check" in stages):
         return None
-    verdict = check(ann, strict=cfg.snn.strict)
+    # one sample of the data: a forward pass finds ops that lose the batch dimension, before any training
+    verdict = check(ann, strict=cfg.snn.strict, example=data.test[0][0])
     if stages & SPIKING_STAGES and not verdict.convertible:
         raise ConversionError(verdict)
     if "export" in stages and not verdict.compensated:  # exportability depends on the architecture only: find out now
