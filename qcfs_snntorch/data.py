@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ __all__ = [
     "class_balanced_indices",
     "decode_images",
     "extract_archive",
-    "ignore_interrupts",
     "labels_of",
+    "quiet_hangups",
+    "quiet_worker",
     "random_indices",
     "sample_batch",
     "train_loader",
@@ -508,16 +510,27 @@ def build_datasets(cfg, seed: int = 0) -> DataSplits:
     )
 
 
-def ignore_interrupts(worker_id: int) -> None:
-    """``worker_init_fn`` of every loader with worker processes: they ignore Ctrl-C and SIGTERM.
+def quiet_worker(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader with worker processes: an ending run stops them without a word.
 
-    Both reach the whole process group (a terminal, a cluster's preemption). The main process
-    ends the run (its report says ``interrupted``) and then stops its workers itself; a worker
-    that the signal ended first made torch print a traceback of its own on the way out.
-    A worker whose main process is gone ends by itself (torch watches the parent).
+    Ctrl-C and SIGTERM reach the whole process group (a terminal, a cluster's preemption). Workers
+    ignore both: the main process ends the run (its report says ``interrupted``) and then stops its
+    workers itself; a worker that the signal ended first made torch print a traceback of its own on
+    the way out. A worker whose main process is gone ends by itself (torch watches the parent).
+    And a worker that was handing a batch's shared memory to the main process when it went away
+    (multiprocessing's fd server thread: the connection is reset) would print that thread's
+    traceback: a hang-up there is the run ending, not an error.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.excepthook = quiet_hangups
+
+
+def quiet_hangups(exc_type, exc, tb) -> None:
+    """``sys.excepthook`` of a loader worker: silent on the main process hanging up, as usual otherwise."""
+    if issubclass(exc_type, (ConnectionResetError, BrokenPipeError, EOFError)):
+        return
+    sys.__excepthook__(exc_type, exc, tb)
 
 
 def train_loader(splits: DataSplits, cfg, device: torch.device) -> DataLoader:
@@ -533,5 +546,5 @@ def train_loader(splits: DataSplits, cfg, device: torch.device) -> DataLoader:
         return DataLoader(splits.train, collate_fn=splits.augment.collate(device), num_workers=0, **common)
     workers = cfg.num_workers
     return DataLoader(splits.train, num_workers=workers, persistent_workers=workers > 0,
-                      worker_init_fn=ignore_interrupts if workers else None,
+                      worker_init_fn=quiet_worker if workers else None,
                       pin_memory=torch.device(device).type == "cuda", **common)

@@ -149,6 +149,33 @@ def test_start_from_a_trained_relu_network(tmp_path):
     assert all(t != 8.0 for t in report["ann"]["thresholds"])
 
 
+WORKER = """
+import os, signal, sys, threading
+from qcfs_snntorch.data import quiet_worker
+quiet_worker(0)
+os.kill(os.getpid(), signal.SIGTERM)  # the group's SIGTERM: the main process ends the run, not the worker
+def serve():  # multiprocessing.resource_sharer's fd server when the main process hangs up mid-transfer
+    try:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    except Exception:
+        sys.excepthook(*sys.exc_info())
+thread = threading.Thread(target=serve)
+thread.start()
+thread.join()
+print("alive")
+try:
+    raise ValueError("a real error")
+except ValueError:
+    sys.excepthook(*sys.exc_info())
+"""
+
+
+def test_a_loader_worker_ignores_the_signal_and_the_main_process_hanging_up_but_not_real_errors():
+    result = subprocess.run([sys.executable, "-c", WORKER], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "alive", result.stderr[-2000:]
+    assert "ConnectionResetError" not in result.stderr and "ValueError: a real error" in result.stderr
+
+
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_ends_the_run_cleanly(tmp_path):
     """A cluster's preemption (or Ctrl-C) signals every process of the group, data-loader workers included:

@@ -21,7 +21,7 @@ from ..calibration import calibrate_from_data, silent_layers
 from ..check import ConversionError, check
 from ..config import ConfigError, RunConfig, from_yaml_file, to_yaml
 from ..convert import convert
-from ..data import DataSplits, build_datasets, ignore_interrupts, sample_batch
+from ..data import DataSplits, build_datasets, quiet_worker, sample_batch
 from ..export import export_nir
 from ..models import create_model
 from ..tracing import qcfs_layers
@@ -166,7 +166,7 @@ def setup(cfg: RunConfig) -> RunContext:
         workers = 0 if cfg.data.in_memory else cfg.data.num_workers
         return accelerator.prepare(torch.utils.data.DataLoader(
             dataset, batch_size=cfg.data.eval_batch_size, num_workers=workers,
-            worker_init_fn=ignore_interrupts if workers else None, pin_memory=accelerator.device.type == "cuda"))
+            worker_init_fn=quiet_worker if workers else None, pin_memory=accelerator.device.type == "cuda"))
 
     ctx = RunContext(cfg=cfg, accelerator=accelerator, data=data, val=loader(data.val) if data.val is not None else None,
                      test=loader(data.test), ann=ann.to(accelerator.device), run_dir=run_dir, log=log, verdict=verdict,
