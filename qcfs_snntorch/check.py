@@ -438,17 +438,17 @@ NO_SPIKING_PATH = ("every QCFS activation acts on parameters alone (e.g. a relat
 PROBE_BATCH = 5  # the probe's batch size: odd and unlike the 2, 3 or 4 that a reshape puts in front (qkv, heads)
 
 
-class _LeadingDims(torch.fx.Interpreter):
-    """Runs the whole-network graph once and keeps the leading dimension of every tensor a node makes."""
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs the whole-network graph once and keeps the shape of every tensor a node makes."""
 
     def __init__(self, model: nn.Module, graph: torch.fx.Graph):
         super().__init__(model, graph=graph)
-        self.leading: dict[torch.fx.Node, tuple[int, ...]] = {}
+        self.shapes: dict[torch.fx.Node, tuple[int, ...]] = {}
 
     def run_node(self, node: torch.fx.Node):
         result = super().run_node(node)
         if isinstance(result, torch.Tensor):
-            self.leading[node] = tuple(result.shape)
+            self.shapes[node] = tuple(result.shape)
         return result
 
 
@@ -466,7 +466,7 @@ def folded_batch_problems(model: nn.Module, sort: GraphSort, example: torch.Tens
     timed = {node for node, *_ in sort.compensated}
     timed |= {n for n in sort.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), QCFS)
               and n in sort.dynamic}
-    probe = _LeadingDims(model, sort.graph)
+    probe = _ShapeRecorder(model, sort.graph)
     with eval_mode(model):
         probe.run(batch)
     problems = []
@@ -476,7 +476,7 @@ def folded_batch_problems(model: nn.Module, sort: GraphSort, example: torch.Tens
         operands: list[torch.fx.Node] = []
         torch.fx.node.map_arg((node.args, node.kwargs), operands.append)
         for position, operand in enumerate(operands, 1):
-            shape = probe.leading.get(operand)
+            shape = probe.shapes.get(operand)
             if operand in sort.dynamic and shape is not None and (not shape or shape[0] != PROBE_BATCH):
                 op = (type(modules[node.target]).__name__ if node.op == "call_module"
                       else getattr(node.target, "__name__", str(node.target)))
