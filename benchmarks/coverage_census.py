@@ -6,7 +6,9 @@
 
 Stage 1 (structure): every name of ``timm.list_models()`` is built with
 ``create_model(name, num_classes=10, activations=("relu",))`` on the ``meta`` device (no
-weights are allocated, so size costs nothing) and passed to ``check``. A model refused
+weights are allocated, so size costs nothing) and passed to ``check`` with an example input of
+its default size, also on ``meta``: the batch probe (``check(example=…)``, shapes only; records
+say ``probe: true``, lines from before it have no such key). A model refused
 *only* because activations other than ReLU are left over, or with no ReLU to replace, is
 built again with every activation group (``ACTIVATION_GROUPS``: relu, silu, gelu, hardswish,
 mish, elu) and checked again (such a network has to be trained with QCFS from the start).
@@ -165,7 +167,9 @@ def _check_once(name: str, activations: tuple[str, ...], rec: dict) -> tuple[tor
     with torch.device("meta"):  # no weights are initialised: big models cost nothing
         model = qs.create_model(name, num_classes=10, activations=activations)
     rec["step"] = "check"
-    return model, qs.check(model)
+    example = torch.empty((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224), device="meta")
+    rec["probe"] = True
+    return model, qs.check(model, example=example)
 
 
 def compensated_ops(report: qs.CheckReport) -> int | None:

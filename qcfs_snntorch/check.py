@@ -63,7 +63,7 @@ from .tracing import (
     trace_own_forward,
 )
 
-__all__ = ["COMPENSATION", "PROBE_BATCH", "CheckReport", "ConversionError", "GraphSort", "Problem", "check", "folded_batch_problems", "module_kind", "node_kind", "sort_graph"]
+__all__ = ["COMPENSATION", "PROBE_BATCHES", "CheckReport", "ConversionError", "GraphSort", "Problem", "check", "folded_batch_problems", "module_kind", "node_kind", "sort_graph"]
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,8 @@ REASONS = {
     "shared": "one activation module used at several places (or in a loop): converted, they would share one "
     "membrane; each call needs its own module (create_model does this where the calls are distinct in the source)",
     "batch": "time is folded into the batch dimension, and this op runs over time steps (a neuron or a compensated op): "
-    "its input must keep the batch in dim 0, and here the network moved it (or mixed the samples of a batch)",
+    "its input must keep the batch in dim 0 (alone, or as its outer factor: batch × windows), and here the network "
+    "moved it (or mixed the samples of a batch)",
     "untraceable": "compensated operations need the whole network to trace with torch.fx (data-dependent control "
     "flow does not); without them it would be a network of IF neurons only",
 }
@@ -435,7 +436,9 @@ NO_SPIKING_PATH = ("every QCFS activation acts on parameters alone (e.g. a relat
                    "would see the input; replace the network's other activations too: model.activations=[relu, gelu, silu]")
 
 
-PROBE_BATCH = 5  # the probe's batch size: odd and unlike the 2, 3 or 4 that a reshape puts in front (qkv, heads)
+# The probe's batch sizes: odd, unlike the 2, 3 or 4 that a reshape puts in front (qkv, heads), and two of
+# them, so that a dim 0 that does not grow with the batch (tokens, a sequence) cannot match both by chance.
+PROBE_BATCHES = (5, 7)
 
 
 class _ShapeRecorder(torch.fx.Interpreter):
@@ -452,23 +455,34 @@ class _ShapeRecorder(torch.fx.Interpreter):
         return result
 
 
+def _batch_major(shapes: list[tuple[int, ...]]) -> bool:
+    """Is dim 0 the batch times one factor that does not depend on it (batch alone, batch × windows), at every probe size?"""
+    if any(not shape or shape[0] % batch for shape, batch in zip(shapes, PROBE_BATCHES)):
+        return False
+    return len({shape[0] // batch for shape, batch in zip(shapes, PROBE_BATCHES)}) == 1
+
+
 def folded_batch_problems(model: nn.Module, sort: GraphSort, example: torch.Tensor) -> list[Problem]:
     """Ops that run over time steps whose signal input does not have the batch in dim 0.
 
-    The SNN folds time into the batch dimension; a neuron or a compensated op unfolds it from
-    dim 0. A network that moves the batch elsewhere first (attention over a transposed 2-D
-    tensor, a sequence-first ``nn.MultiheadAttention``) would fail there at run time, or worse,
-    read another dimension as time. One eval-mode forward of ``PROBE_BATCH`` copies of
-    ``example`` (one sample, no batch dimension) finds them before any training.
+    The SNN folds time into the batch dimension, in front of it; a neuron or a compensated op
+    unfolds it from dim 0. That holds while dim 0 is the batch, or the batch times a factor
+    of its own (a Swin's windows: batch × windows). A network that moves the batch elsewhere
+    first (attention over a transposed 2-D tensor, a sequence-first ``nn.MultiheadAttention``)
+    would fail there at run time, or worse, read another dimension as time. Eval-mode forwards
+    of ``PROBE_BATCHES`` copies of ``example`` (one sample, no batch dimension; a tensor on the
+    ``meta`` device is enough) find them before any training: dim 0 must grow with the batch.
     """
-    batch = example.unsqueeze(0).expand(PROBE_BATCH, *example.shape).contiguous()
     modules = dict(model.named_modules())
     timed = {node for node, *_ in sort.compensated}
     timed |= {n for n in sort.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), QCFS)
               and n in sort.dynamic}
-    probe = _ShapeRecorder(model, sort.graph)
+    recorded = []
     with eval_mode(model):
-        probe.run(batch)
+        for size in PROBE_BATCHES:
+            probe = _ShapeRecorder(model, sort.graph)
+            probe.run(example.unsqueeze(0).expand(size, *example.shape).contiguous())
+            recorded.append(probe.shapes)
     problems = []
     for node in sort.graph.nodes:
         if node not in timed:
@@ -476,12 +490,13 @@ def folded_batch_problems(model: nn.Module, sort: GraphSort, example: torch.Tens
         operands: list[torch.fx.Node] = []
         torch.fx.node.map_arg((node.args, node.kwargs), operands.append)
         for position, operand in enumerate(operands, 1):
-            shape = probe.shapes.get(operand)
-            if operand in sort.dynamic and shape is not None and (not shape or shape[0] != PROBE_BATCH):
+            shapes = [shapes_at.get(operand) for shapes_at in recorded]
+            if operand in sort.dynamic and None not in shapes and not _batch_major(shapes):
                 op = (type(modules[node.target]).__name__ if node.op == "call_module"
                       else getattr(node.target, "__name__", str(node.target)))
-                problems.append(Problem(node_owner(node), op, f"operand {position} has shape {list(shape)} for a batch of "
-                                        f"{PROBE_BATCH}: {REASONS['batch']}", "batch"))
+                sizes = " and ".join(f"{list(shape)} for a batch of {size}" for shape, size in zip(shapes, PROBE_BATCHES))
+                problems.append(Problem(node_owner(node), op, f"operand {position} has shape {sizes}: {REASONS['batch']}",
+                                        "batch"))
                 break
     return problems
 
@@ -532,7 +547,10 @@ def check(model_or_name, *, strict: bool = False, example: torch.Tensor | None =
         notes.append(f"{len(sort.before)} non-linear op(s) before the first neuron run on the input as in the ANN: {ops}")
     if example is not None:
         try:
-            report.problems += folded_batch_problems(model, sort, example)
+            lost_batch = folded_batch_problems(model, sort, example)
+            refused = {(p.path, p.op) for p in lost_batch}
+            report.problems += lost_batch
+            report.compensated = [c for c in report.compensated if (c.path, c.op) not in refused]  # refused, not compensated
         except Exception as exc:  # noqa: BLE001 - the ANN fails on this input: training will say why, in its own words
             notes.append(f"the forward pass on the example input failed, its batch dimension was not checked "
                          f"({type(exc).__name__}: {str(exc)[:200]})")

@@ -348,6 +348,9 @@ def test_an_op_whose_input_lost_the_batch_dimension_is_refused_with_an_example()
     assert not report.convertible
     assert [(p.kind, p.op) for p in report.problems] == [("batch", "matmul")]
     assert "shape [7, 5] for a batch of 5" in str(report.problems[0]) and "batch in dim 0" in report.summary()
+    refused = report.problems[0]
+    assert (refused.path, refused.op) not in {(c.path, c.op) for c in report.compensated}  # listed once, as refused
+    assert any(c.op == "matmul" for c in check(ann).compensated)  # the static check compensates it
 
 
 def test_batch_first_ops_pass_the_example_probe_and_run():
@@ -383,6 +386,22 @@ def test_timm_csatv2_is_refused_at_its_attention_before_any_training():
     assert not report.convertible
     assert {p.kind for p in report.problems} == {"batch"}
     assert all(p.path.endswith(".attn.attn") and p.op == "matmul" for p in report.problems), report.summary()
+
+
+def test_windows_folded_into_the_batch_pass_the_probe():
+    # Swin partitions each image into windows, dim 0 = batch × windows: time, folded in front of the
+    # batch, stays outermost, so the SNN is exact there (a probe that wanted dim 0 = batch refused it).
+    ann = create_model("swin_tiny_patch4_window7_224", num_classes=10, activations=("gelu",), img_size=112)
+    report = check(ann, example=torch.rand(3, 112, 112))
+    assert report.convertible, report.summary()
+    assert any(c.kind == "product" for c in report.compensated)
+
+
+def test_the_probe_runs_on_the_meta_device():
+    with torch.device("meta"):  # what the census's stage 1 does: no weights, shapes only
+        ann = create_model("csatv2", num_classes=10, activations=("relu", "gelu", "silu"))
+    report = check(ann, example=torch.empty(3, 64, 64, device="meta"))
+    assert {p.kind for p in report.problems} == {"batch"}
 
 
 def test_a_failing_example_forward_is_a_note_not_a_refusal():
