@@ -10,9 +10,11 @@ side by side (interleaved rounds, median): ``ann`` (one forward at batch B), ``e
 (``snn(x, timesteps=T)``, the engine's defaults: BatchNorm kept for fine-tuning, chains of
 compensated ops on running means), ``fold_bn`` (``convert(fold_bn=True)``, the deployment
 setting) and ``per_op`` (``chains_on_means=False``: every compensated op on its own, the
-engine before chains). ``ratio`` = engine ms / (T × ann ms), from wall and CPU time
-(process_time leaves out the time other processes held the cores on a shared machine);
-``ratios`` gives it for every variant. ``compensated`` counts the wrapped ops per kind.
+engine before chains), ``no_head`` (the engine's network with ``static_head=False``: every
+layer folded over T, the layers before the first neuron too) and ``ann_TB`` (the ANN on the
+input repeated T times, batch T·B: what the folded engine would cost with nothing of its own).
+``ratio`` = engine ms / (T × ann ms), from wall and CPU time (process_time leaves out the
+time other processes held the cores on a shared machine); ``ratios`` gives it for every variant. ``compensated`` counts the wrapped ops per kind.
 """
 
 # ruff: noqa: I001, B023  (_common goes before torch: it sets OMP_WAIT_POLICY; the lambdas run within their loop iteration)
@@ -37,7 +39,9 @@ VARIANTS = {"engine": {}, "fold_bn": {"fold_bn": True}, "per_op": {"chains_on_me
 def build(name: str, size: int) -> tuple[torch.nn.Module, dict[str, qs.SpikingModel]]:
     kwargs = {"img_size": size} if "vit" in name else {}
     ann = qs.create_model(name, num_classes=10, activations=("relu", "gelu", "silu"), **kwargs).eval()
-    return ann, {variant: qs.convert(ann, **options).eval() for variant, options in VARIANTS.items()}
+    snns = {variant: qs.convert(ann, **options).eval() for variant, options in VARIANTS.items()}
+    snns["no_head"] = qs.SpikingModel(snns["engine"].net, static_head=False).eval()
+    return ann, snns
 
 
 def main() -> None:
@@ -54,7 +58,9 @@ def main() -> None:
         x = torch.randn(args.batch, 3, args.size, args.size)
         kinds = dict(Counter(op.kind for op in compensated_ops(snns["engine"].net)))
         for t in args.timesteps:
+            repeated = x.repeat(t, 1, 1, 1)
             fns = {"ann": lambda: ann(x)} | {variant: (lambda snn=snn: snn(x, timesteps=t)) for variant, snn in snns.items()}
+            fns["ann_TB"] = lambda: ann(repeated)
             with torch.no_grad():
                 times = time_interleaved(fns, args.repeats)
             record = {"benchmark": "compensated_inference", "model": name, "T": t, "batch": args.batch, "size": args.size,
@@ -63,7 +69,7 @@ def main() -> None:
                 ms = times[clock]
                 record[f"{clock}_ms"] = {k: round(v, 2) for k, v in ms.items()}
                 record[f"{clock}_ratio"] = round(ms["engine"] / (t * ms["ann"]), 3)
-                record[f"{clock}_ratios"] = {k: round(ms[k] / (t * ms["ann"]), 3) for k in snns}
+                record[f"{clock}_ratios"] = {k: round(ms[k] / (t * ms["ann"]), 3) for k in [*snns, "ann_TB"]}
             emit(record)
 
 

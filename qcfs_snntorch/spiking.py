@@ -77,7 +77,7 @@ class _StaticSplit:
         except Exception:  # data-dependent control flow etc.: run folded
             return None
         modules = dict(net.named_modules())
-        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        inputs = [n for n in graph.nodes if n.op == "placeholder" and not n.args]
         if len(inputs) != 1:
             return None
         static, varying = _classify(graph, modules)
@@ -96,7 +96,8 @@ def _classify(graph: torch.fx.Graph, modules: dict[str, nn.Module]) -> tuple[set
     varying: set[torch.fx.Node] = set()
     for node in graph.nodes:
         if node.op == "placeholder":
-            static.add(node)
+            if not node.args:  # an argument with a default (a ViT's attn_mask=None) is a constant
+                static.add(node)
         elif node.op == "output":
             continue
         elif any(a in varying for a in node.all_input_nodes) or (

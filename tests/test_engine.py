@@ -112,6 +112,25 @@ def test_static_head_runs_once_on_the_batch():
     assert seen == [x.shape[0]]
 
 
+def test_static_head_reaches_into_a_vit_whose_forward_has_default_arguments():
+    # Compensation gives a ViT's forward `attn_mask=None, is_causal=False`: constants, not inputs.
+    torch.manual_seed(0)
+    model = randomise(create_model("test_vit", num_classes=10, activations=("gelu",)), thresholds=(0.4, 1.0))
+    snn = convert(model.eval())
+    x = torch.rand(2, 3, 32, 32)
+    split = snn._split()
+    assert split is not None
+    head_modules = {n.target for n in split.head.graph.nodes if n.op == "call_module"}
+    assert {"patch_embed.proj", "blocks.0.attn.qkv", "blocks.0.mlp.fc1"} <= head_modules  # up to the first neuron
+    seen = []
+    snn.net.patch_embed.proj.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    with torch.no_grad():
+        fast = _with_spikes(snn, lambda: snn(x, timesteps=5))
+        assert seen == [x.shape[0]]
+        snn.static_head = False
+        _assert_same(fast, _with_spikes(snn, lambda: snn(x, timesteps=5)))
+
+
 @pytest.mark.parametrize("chunk", [7, 16])
 def test_chunked_large_T_equals_unchunked(chunk):
     model, x = _timm()
