@@ -387,6 +387,10 @@ def create_model(
         hint = f"closest timm names: {', '.join(closest)}" if closest else "see timm.list_models()"
         raise UnknownModelError(f"unknown model {name!r}; {hint}")
     timm_kwargs.update(model_kwargs or {})
+    not_names = [key for key in timm_kwargs if not (isinstance(key, str) and key.isidentifier())]
+    if not_names:  # YAML reads `{img_size:32}` (no space after the colon) as a key 'img_size:32' with no value
+        raise ModelError(f"model.kwargs key(s) {not_names} are not argument names; in YAML a colon needs a space "
+                         f"after it: 'model.kwargs={{img_size: 32, patch_size: 4}}' (quoted on the command line)")
     model = _build_timm(name, pretrained=pretrained, pretrained_file=pretrained_file, num_classes=num_classes, **timm_kwargs)
     if cifar_stem:
         model = apply_cifar_stem(model)

@@ -86,6 +86,7 @@ def test_a_later_stage_starts_from_a_saved_checkpoint(quickstart, tmp_path):
         (["model.cifar_stem=true", "model.name=vgg11"], "model.cifar_stem is supported for timm ResNet-family models"),
         (["train.label_smoothing=5"], "train.label_smoothing=5"),
         (["model.kwargs={no_such_argument: 1}"], "does not accept these arguments"),
+        (["model.kwargs={img_size:32}"], "not argument names; in YAML a colon needs a space"),
         (["model.pretrained_file=/nonexistent/weights.safetensors"], "model.pretrained_file"),
     ],
 )
