@@ -14,7 +14,8 @@ engine before chains), ``no_head`` (the engine's network with ``static_head=Fals
 layer folded over T, the layers before the first neuron too) and ``ann_TB`` (the ANN on the
 input repeated T times, batch T·B: what the folded engine would cost with nothing of its own).
 ``ratio`` = engine ms / (T × ann ms), from wall and CPU time (process_time leaves out the
-time other processes held the cores on a shared machine); ``ratios`` gives it for every variant. ``compensated`` counts the wrapped ops per kind.
+time other processes held the cores on a shared machine); ``ratios`` gives it for every
+variant. ``compensated`` counts the wrapped ops per kind.
 """
 
 # ruff: noqa: I001, B023  (_common goes before torch: it sets OMP_WAIT_POLICY; the lambdas run within their loop iteration)
