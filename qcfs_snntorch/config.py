@@ -130,6 +130,8 @@ class FinetuneConfig(OptimConfig):
     surrogate: str = setting("triangle", "surrogate gradient: triangle | rectangle | atan | sigmoid")
     surrogate_width: float = setting(1.0, "width of the surrogate gradient, in units of θ")
     learn_threshold: bool = setting(False, "train each neuron's θ during fine-tuning")
+    detach_reset: bool = setting(False, "true: no gradient through the reset (snnTorch's rule); its surrogate gradient "
+                                        "then grows with T and explodes in deep networks at T ≥ 4 (docs/RESULTS.md)")
     bn: str = setting("frozen", "frozen: running stats fixed | train: stats over time-folded batches")
     loss: str = setting("mean", "mean: CE of the mean output | tet: TET (Deng et al., ICLR 2022): per-step CEs + an MSE term")
     tet_weight: float = setting(0.001, "TET's λ: weight of the mean squared distance of every step's output to tet_target")
@@ -342,6 +344,7 @@ RULES: dict[str, callable] = {
     **{f"finetune.{k}": rule for k, rule in _OPTIM.items()},
     "finetune.timesteps": _POSITIVE, "finetune.surrogate": _choice(SURROGATE_NAMES),
     "finetune.surrogate_width": _number(0, low_open=True), "finetune.learn_threshold": _anything,
+    "finetune.detach_reset": _anything,
     "finetune.bn": _choice(("frozen", "train")), "finetune.loss": _choice(("mean", "tet")),
     "finetune.timesteps_choices": _each(_POSITIVE), "finetune.progressive": _each(_POSITIVE),
     "finetune.distill": _number(0, 1), "finetune.keep": _choice(("best", "last")), "finetune.distill_temperature": _number(0, low_open=True),

@@ -102,7 +102,7 @@ INVALID = {
     "snn.max_spikes": "0", "snn.neuron": "bipolar", "snn.early_exit": "[1.5]", "snn.early_exit_rule": "entropy", "snn.early_exit_reference": "0",
     "snn.early_exit_tolerance": "-0.1",
     "finetune.timesteps": "0", "finetune.surrogate": "tanh", "finetune.surrogate_width": "0",
-    "finetune.learn_threshold": None, "finetune.bn": "batch", "finetune.loss": "hinge", "finetune.timesteps_choices": "[0]",
+    "finetune.learn_threshold": None, "finetune.detach_reset": None, "finetune.bn": "batch", "finetune.loss": "hinge", "finetune.timesteps_choices": "[0]",
     "finetune.progressive": "[-4]", "finetune.distill": "1.5", "finetune.keep": "first", "finetune.distill_temperature": "0",
     "finetune.tet_weight": "1.0", "finetune.tet_target": "1e9",
 }

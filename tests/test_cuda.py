@@ -12,12 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _helpers import randomise
 from torch import nn
 
-from qcfs_snntorch import QCFS, IFNeuron, calibrate_potentials, convert, create_model
+from qcfs_snntorch import QCFS, IFNeuron, SignedIFNeuron, calibrate_potentials, convert, create_model
+from qcfs_snntorch.export import export_nir
 from qcfs_snntorch.training import SpikingFinetune
 
 CUDA = torch.device(os.environ.get("QCFS_TEST_DEVICE", "cuda"))
@@ -25,29 +27,31 @@ pytestmark = pytest.mark.skipif(CUDA.type == "cuda" and not torch.cuda.is_availa
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize("neuron", ["if", "signed"])
 @pytest.mark.parametrize("timesteps", [1, 2, 4, 8, 32])
-def test_one_layer_equals_qcfs_with_levels_T_on_cuda(timesteps):
+def test_one_layer_equals_qcfs_with_levels_T_on_cuda(timesteps, neuron):
     act = QCFS(levels=timesteps, threshold=1.5)
-    snn = convert(nn.Sequential(act)).to(CUDA)
+    snn = convert(nn.Sequential(act), neuron=neuron).to(CUDA)
     act = act.to(CUDA)
     x = torch.linspace(-1.5, 3.0, 4001, device=CUDA)
     rate = snn(x, timesteps=timesteps).mean(0)
     torch.testing.assert_close(rate, act(x).detach(), rtol=0, atol=1e-6)
 
 
-def _timm_snn():
+def _timm_snn(neuron="if"):
     torch.manual_seed(0)
     model = randomise(create_model("test_resnet", num_classes=10), thresholds=(0.4, 1.0))
-    return model, convert(model, learn_threshold=True)
+    return model, convert(model, learn_threshold=True, neuron=neuron)
 
 
-def test_device_and_host_agree_on_a_timm_snn():
+@pytest.mark.parametrize("neuron", ["if", "signed"])
+def test_device_and_host_agree_on_a_timm_snn(neuron):
     """Spikes amplify rounding: cuDNN and the CPU sum in different orders, so a few spikes move.
 
     With TF32 off the two must still agree on almost every prediction and closely on the
     rates; a device-side bug (a lost v(0), a wrong reset) moves them by far more.
     """
-    model, snn = _timm_snn()
+    model, snn = _timm_snn(neuron)
     x = torch.rand(16, 3, 32, 32)
     host = snn(x, timesteps=8).mean(0).detach()
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
@@ -71,15 +75,16 @@ def test_streaming_equals_multistep_on_cuda():
     torch.testing.assert_close(stepped, folded, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", [IFNeuron, SignedIFNeuron])
 @pytest.mark.parametrize("detach_reset", [True, False])
-def test_fused_neuron_gradients_on_cuda_equal_the_autograd_loop(detach_reset):
-    """The fused IF node against snnTorch-style per-step autograd, both on the device (elementwise: no reordering)."""
+def test_fused_neuron_gradients_on_cuda_equal_the_autograd_loop(detach_reset, kind):
+    """The fused node against snnTorch-style per-step autograd, both on the device (elementwise: no reordering)."""
     torch.manual_seed(3)
     theta = torch.tensor([0.5, 1.0, 2.0], device=CUDA).reshape(3, 1, 1)
     x = (torch.randn(6, 2, 3, 4, 4, device=CUDA) * 0.8).requires_grad_()
     grads = {}
     for fused in (False, True):
-        n = IFNeuron(theta, learn_threshold=True, surrogate="triangle", surrogate_width=0.7, detach_reset=detach_reset).to(CUDA)
+        n = kind(theta, learn_threshold=True, surrogate="triangle", surrogate_width=0.7, detach_reset=detach_reset).to(CUDA)
         n.fused, n.timesteps = fused, 6
         out = n(x.flatten(0, 1))
         loss = (out * torch.linspace(-1, 1, out.numel(), device=CUDA).reshape(out.shape)).sum()
@@ -88,8 +93,9 @@ def test_fused_neuron_gradients_on_cuda_equal_the_autograd_loop(detach_reset):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_finetuning_step_on_cuda_gives_finite_gradients_everywhere():
-    _, snn = _timm_snn()
+@pytest.mark.parametrize("neuron", ["if", "signed"])
+def test_finetuning_step_on_cuda_gives_finite_gradients_everywhere(neuron):
+    _, snn = _timm_snn(neuron)
     task = SpikingFinetune(4, bn="train")
     task.train_mode(snn.to(CUDA))
     result = task(snn, torch.rand(4, 3, 32, 32, device=CUDA), torch.tensor([0, 1, 2, 3], device=CUDA), step=0)
@@ -109,6 +115,19 @@ def test_bf16_autocast_inference_runs_and_stays_close():
             half = snn(x, timesteps=8).mean(0).float()
     assert torch.isfinite(half).all()
     assert (half.argmax(-1) == full.argmax(-1)).float().mean() >= 0.75
+
+
+def test_nir_export_of_a_network_on_cuda_equals_the_host_export(tmp_path):
+    """NIR holds host arrays: a network that lives on the device exports as its host copy does."""
+    _, snn = _timm_snn()
+    x = torch.rand(1, 3, 32, 32)
+    host = export_nir(snn, tmp_path / "host.nir", x)
+    device = export_nir(snn.to(CUDA), tmp_path / "device.nir", x.to(CUDA))
+    assert host.nodes.keys() == device.nodes.keys()
+    for name, node in host.nodes.items():
+        for key, value in vars(node).items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_allclose(getattr(device.nodes[name], key), value, rtol=1e-5, atol=1e-6)
 
 
 def test_calibration_runs_on_cuda_and_reduces_the_offset():

@@ -535,7 +535,9 @@ def _traced(snn: nn.Module, sample_input: torch.Tensor) -> tuple[nn.Module, torc
     source = getattr(snn, "net", snn)
     # A membrane left by a run with autograd is not a leaf, which deepcopy refuses; the copy starts afresh anyway.
     memo = {id(m.mem): torch.zeros(0) for m in source.modules() if isinstance(m, MultiStepNeuron)}
-    net = copy.deepcopy(source, memo).eval()
+    # NIR holds numpy arrays: export from a host copy, whichever device the network runs on.
+    net = copy.deepcopy(source, memo).eval().cpu()
+    sample_input = sample_input.cpu()
     fold_batchnorm(net)
     try:
         graph = LeafTracer().trace(net)

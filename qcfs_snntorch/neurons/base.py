@@ -46,6 +46,10 @@ class MultiStepNeuron(snntorch.Leaky):
     conv layer). The membrane starts at ``v(0) = shift·θ + initial_offset``: ``shift`` is the
     φ of the QCFS activation the neuron replaces (½ in the paper), ``initial_offset`` what
     calibration adds (:mod:`qcfs_snntorch.calibration.potentials`).
+
+    ``detach_reset`` (default False) cuts the reset from the gradient, as snnTorch does. Kept,
+    it bounds the gradient of the rate: detached, each earlier input is counted once per later
+    step, a gain near (T + 1)/2 per layer that compounds in deep networks.
     """
 
     rule = BinaryRule()
@@ -59,7 +63,7 @@ class MultiStepNeuron(snntorch.Leaky):
         learn_threshold: bool = False,
         surrogate: str = "triangle",
         surrogate_width: float = 1.0,
-        detach_reset: bool = True,
+        detach_reset: bool = False,
     ):
         threshold = torch.as_tensor(threshold, dtype=torch.float32).clone()
         if not bool((threshold > 0).all()):

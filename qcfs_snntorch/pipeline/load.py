@@ -43,6 +43,7 @@ def weights_metadata(ctx, kind: str) -> dict:
         "dataset": info.name, "image_size": info.image_size, "mean": list(info.mean), "std": list(info.std),
         "convert": {"fold_bn": cfg.snn.fold_bn, "learn_threshold": cfg.finetune.learn_threshold,
                     "surrogate": cfg.finetune.surrogate, "surrogate_width": cfg.finetune.surrogate_width,
+                    "detach_reset": cfg.finetune.detach_reset,
                     "chunk_size": cfg.snn.chunk_size, "max_spikes": cfg.snn.max_spikes, "neuron": cfg.snn.neuron,
                     "strict": cfg.snn.strict},  # what Convert passes to convert()
     }
