@@ -142,8 +142,8 @@ class Convert(Stage):
         ctx.ann.eval()
         ctx.snn = convert(ctx.ann, fold_bn=cfg.snn.fold_bn, learn_threshold=cfg.finetune.learn_threshold,
                           surrogate=cfg.finetune.surrogate, surrogate_width=cfg.finetune.surrogate_width,
-                          detach_reset=cfg.finetune.detach_reset, chunk_size=cfg.snn.chunk_size, max_spikes=cfg.snn.max_spikes, neuron=cfg.snn.neuron,
-                          strict=cfg.snn.strict,
+                          detach_reset=cfg.finetune.detach_reset, chunk_size=cfg.snn.chunk_size,
+                          max_spikes=cfg.snn.max_spikes, neuron=cfg.snn.neuron, strict=cfg.snn.strict,
                           verify=False).to(ctx.accelerator.device)
 
     def run(self, ctx: RunContext) -> dict:
