@@ -49,7 +49,7 @@ NEEDS: dict[str, Needs] = {
                          "data.name", "data.root")),
     "train": Needs(keys=(*ANN_SOURCE, "train", "mixed_precision"), report=("data.eval_subset",)),
     # Without a train stage the ANN is the model.* one (checkpoint, pretrained weights, λ from data): ANN_SOURCE.
-    # finetune.surrogate / learn_threshold shape only gradients (same forward, same state dict): finetune's.
+    # finetune.surrogate / learn_threshold / detach_reset shape only gradients (same forward, same state dict): finetune's.
     "convert": Needs(keys=(*ANN_SOURCE, "snn.fold_bn", "snn.max_spikes", "snn.neuron", "snn.strict", "mixed_precision"),
                      report=("data.eval_subset",), after=("train",)),
     # Measurements only (no training, no choice that a later stage reads).
